@@ -1,0 +1,50 @@
+"""The `unisweep` command line: one Typer app; each package registers its own commands.
+
+User errors (UnisweepError) are printed as one clear line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from tasks.errors import UnisweepError
+
+app = typer.Typer(
+    name="unisweep",
+    help="Perturbation sweeps of LLM residual streams: run, resume, query, report.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+
+def _register_commands() -> None:
+    # Each area owns its commands in its own module, so they can change independently.
+    from analysis import commands as analysis_commands
+    from db import commands as db_commands
+    from orchestrator import probe_command, run_commands
+
+    probe_command.register(app)
+    run_commands.register(app)
+    db_commands.register(app)
+    analysis_commands.register(app)
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into a message and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=True)
+    except UnisweepError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Database fixtures (SQLite file and real PostgreSQL, one schema per test run)."""
