@@ -62,7 +62,23 @@ def unit_key(params: dict[str, Any]) -> str:
 
 
 def spec_hash(spec: SweepSpec) -> str:
+    """Hash of the whole spec (grid extents and execution settings included)."""
     return sha256_hex(canonical_json(spec.model_dump(mode="json")).encode())
+
+
+# What defines the measured quantities of a sweep. A sweep may grow (more models, dtypes,
+# prompts, layers, positions, eps; linear on) and change how it runs, but never these.
+_IDENTITY_FIELDS = ("name", "directions", "record")
+_PROMPT_IDENTITY = ("kinds", "T", "seed", "text_file")
+
+
+def sweep_hash(spec: SweepSpec) -> str:
+    """The hash the database holds as the sweep's spec_hash: a widened spec keeps it."""
+    d = spec.model_dump(mode="json")
+    ident = {k: d[k] for k in _IDENTITY_FIELDS}
+    ident["prompts"] = {k: d["prompts"][k] for k in _PROMPT_IDENTITY}
+    ident["method_version"] = METHOD_VERSION
+    return sha256_hex(canonical_json(ident).encode())
 
 
 def _file_sha256(path: str, field: str) -> str:
