@@ -25,7 +25,7 @@ from orchestrator.spec import Resources, SweepSpec
 from tasks.errors import InvalidInput, UnisweepError
 
 log = logging.getLogger("unisweep.orchestrator")
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).absolute().parents[1]  # not resolve(): keep a symlinked checkout
 # Never shipped to a cluster: environments, results, caches.
 SHIP_EXCLUDES = [".venv", ".git", "runs", "unisweep-out", "**/__pycache__", "*.parquet", "*.db",
                  ".pytest_cache", ".ruff_cache"]
@@ -147,11 +147,12 @@ class Driver:
     """Runs one sweep's open units on Ray actors until none is left (or Ctrl-C)."""
 
     def __init__(self, store: Any, sweep: str, spec: SweepSpec, db_url: str, *,
-                 address: str | None = None, actors: int | None = None, progress: bool = True,
-                 poll_s: float = 0.5,
+                 address: str | None = None, ship: bool = True, actors: int | None = None,
+                 progress: bool = True, poll_s: float = 0.5,
                  max_actor_deaths: int = 5, on_progress: Callable[[Any], None] | None = None) -> None:
         self.store, self.sweep, self.spec, self.db_url = store, sweep, spec, db_url
         self.address = address
+        self.ship = ship
         self.actors_override = actors
         self.progress = progress
         self.poll_s = poll_s
@@ -215,7 +216,7 @@ class Driver:
             signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             if open_groups:
-                init_ray(self.address)  # only when there is work: Ray costs seconds to start
+                init_ray(self.address, ship=self.ship)  # only when there is work: Ray costs seconds to start
                 self.store.set_sweep_status(self.sweep, "running")
                 nodes = [n for n in ray.nodes() if n.get("Alive")]
                 ap = actor_plan(self.spec.resources, ray.cluster_resources(), len(nodes),

@@ -52,6 +52,7 @@ def register(app: typer.Typer) -> None:
         actors: int | None = typer.Option(None, "--actors", min=1, help="Cap the number of actors"),
         plan_only: bool = typer.Option(False, "--plan-only", help="Add the units to the database, run nothing"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar"),
+        ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
     ) -> None:
         """Plan SPEC into the database (adding only new units) and run them on Ray actors."""
         from orchestrator.driver import Driver, submit
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
         if plan_only:
             return
         summary = Driver(store, sweep_spec.name, sweep_spec, _store_url(store, db, sweep_spec),
-                         address=address, actors=actors, progress=progress).run()
+                         address=address, ship=ship, actors=actors, progress=progress).run()
         _finish(summary)
 
     @app.command("resume")
@@ -75,6 +76,7 @@ def register(app: typer.Typer) -> None:
         out: Path | None = typer.Option(None, "--out", help="Output folder holding unisweep.db (SQLite default)"),
         actors: int | None = typer.Option(None, "--actors", min=1, help="Cap the number of actors"),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar"),
+        ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
     ) -> None:
         """Run the open units of SWEEP (pending, or leased by a worker that stopped)."""
         from db.store import connect
@@ -84,7 +86,7 @@ def register(app: typer.Typer) -> None:
         store = connect(db, output_dir=out, create=False)
         sweep_spec = load_sweep_spec(store, sweep)
         summary = Driver(store, sweep, sweep_spec, _store_url(store, db, sweep_spec),
-                         address=address, actors=actors, progress=progress).run()
+                         address=address, ship=ship, actors=actors, progress=progress).run()
         _finish(summary)
 
 
