@@ -153,7 +153,8 @@ class UnitRunner:
         dirs = _directions(lm, params)
         table = compute_responses(
             lm, prompts, lps=[params["lp"]], positions=list(params["positions"]),
-            eps=list(params["eps"]), directions=dirs, linear=bool(params["linear"]),
+            # float(): PostgreSQL's JSONB hands a large eps (1e30) back as an integer.
+            eps=[float(e) for e in params["eps"]], directions=dirs, linear=bool(params["linear"]),
             record_layers=params["record"]["layers"], record_positions=params["record"]["positions"],
         )
         check_finite(table)

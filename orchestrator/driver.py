@@ -247,7 +247,7 @@ class Driver:
 
     def _watch(self, ap: ActorPlan, cls: Any, progress: _Progress) -> None:
         import ray
-        from ray.exceptions import ActorDiedError, RayActorError
+        from ray.exceptions import RayActorError
 
         last_reclaim = 0.0
         while any(s.ref is not None for s in self.slots):
@@ -271,19 +271,12 @@ class Driver:
                     self._fail_in_flight(slot.worker_id, f"worker died ({type(exc).__name__})")
                     slot.ref = None
                     if slot.deaths > self.max_actor_deaths:
+                        log.error("actor for %s died %d times: giving up its slot", slot.group,
+                                  slot.deaths)
+                        ray.kill(slot.actor, no_restart=True)
                         self.slots.remove(slot)
                         continue
-                    try:
-                        # Ray restarts the process (max_restarts); fresh state, new worker id.
-                        if isinstance(exc, ActorDiedError):
-                            raise exc
-                        slot.worker_id = ray.get(slot.actor.get_worker_id.remote(), timeout=120)
-                        slot.ref = slot.actor.run.remote()
-                    except RayActorError:
-                        self.slots.remove(slot)
-                        fresh = self._start_actor(slot.group, ap, cls)
-                        fresh.deaths = slot.deaths
-                        self.slots.append(fresh)
+                    self._revive(slot, exc, ap, cls)
             now = time.monotonic()
             if now - last_reclaim > max(1.0, self.spec.lease.ttl_s / 2):
                 # Units whose holder vanished on every attempt become `failed` here.
@@ -292,6 +285,33 @@ class Driver:
             st = progress.update()
             if st is not None and self.on_progress is not None:
                 self.on_progress(st)
+
+    def _revive(self, slot: _Slot, exc: Exception, ap: ActorPlan, cls: Any) -> None:
+        """After a death: wait for Ray's restart of the actor (fresh process, new worker id), or
+        replace an actor that has no restarts left by a new one for the same group."""
+        import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        deadline = time.monotonic() + 120
+        while not isinstance(exc, ActorDiedError):
+            try:
+                slot.worker_id = ray.get(slot.actor.get_worker_id.remote(), timeout=60)
+                slot.ref = slot.actor.run.remote()
+                return
+            except ActorUnavailableError as again:  # still restarting
+                if time.monotonic() > deadline:
+                    exc = again
+                    break
+                time.sleep(0.3)
+            except (RayActorError, ray.exceptions.GetTimeoutError) as again:
+                exc = again
+                break
+        # Gone for good: free its resources first, or the new actor may never be scheduled.
+        ray.kill(slot.actor, no_restart=True)
+        self.slots.remove(slot)
+        fresh = self._start_actor(slot.group, ap, cls)
+        fresh.deaths = slot.deaths
+        self.slots.append(fresh)
 
     def _stop_all(self, grace_s: float = 3.0) -> None:
         """Ctrl-C: stop after the unit in flight if quick, else kill; release every lease."""

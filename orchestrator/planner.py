@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.model_meta import MetaFn, ModelMeta, load_directions_file, model_meta
-from orchestrator.spec import SweepSpec
+from orchestrator.spec import SweepSpec, canonical_eps
 from tasks.errors import InvalidInput
 from tasks.layout import METHOD_VERSION
 
@@ -150,7 +150,9 @@ def _covered(existing: Iterable[dict[str, Any]]) -> dict[str, set[tuple[int, flo
     cov: dict[str, set[tuple[int, float | None]]] = defaultdict(set)
     for params in existing:
         sig = _signature(params)
-        values: list[float | None] = list(params["eps"]) + ([None] if params.get("linear") else [])
+        # float(): PostgreSQL's JSONB hands 1e30 back as the integer 10**30.
+        values: list[float | None] = [canonical_eps(float(e)) for e in params["eps"]]
+        values += [None] if params.get("linear") else []
         for j in params["positions"]:
             cov[sig].update((j, e) for e in values)
     return cov

@@ -1,0 +1,172 @@
+"""The driver and actors on a real local Ray session: complete sweeps, widening, NaN, dead actors.
+
+One Ray session for the module; each unit sleeps UNISWEEP_FAULT_DELAY_S so a test can kill
+an actor in the middle of one.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from orchestrator.actor import FAULT_DELAY_ENV, NonFiniteResponse, add_unit_columns, check_finite
+from orchestrator.driver import Driver, actor_plan, submit
+from orchestrator.spec import Resources, spec_from_dict
+from tasks.errors import UnisweepError
+from tasks.layout import ENGINE_SCHEMA, SHARD_SCHEMA
+from tests.orch_helpers import check_complete, spec_dict, start_ray, stop_ray, units, wait_for
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+DELAY = "0.3"
+
+
+@pytest.fixture(scope="module")
+def ray_delay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    addr = start_ray(tmp_path_factory.mktemp("ray"), env={FAULT_DELAY_ENV: DELAY})
+    yield addr
+    stop_ray((FAULT_DELAY_ENV,))
+
+
+# ---- pure parts -------------------------------------------------------------------------------
+
+
+def test_actor_plan() -> None:
+    res = Resources()
+    gpu = actor_plan(res, {"CPU": 16, "GPU": 4})
+    assert (gpu.n, gpu.options["num_gpus"], gpu.device) == (4, 1.0, "gpu")
+    assert actor_plan(Resources(gpus_per_actor=2), {"CPU": 16, "GPU": 4}).n == 2
+    assert actor_plan(Resources(actors_per_node=1), {"CPU": 16, "GPU": 4}, n_nodes=2).n == 2
+    cpu = actor_plan(Resources(cpu_actors=2), {"CPU": 2})
+    assert (cpu.n, cpu.options, cpu.device) == (2, {"num_cpus": 1}, "cpu")
+    assert actor_plan(Resources(cpu_actors=1), {"CPU": 2}).options == {"num_cpus": 2}
+    with pytest.raises(UnisweepError, match="cpu_fallback is false"):
+        actor_plan(Resources(cpu_fallback=False), {"CPU": 8})
+
+
+def test_check_finite_and_unit_columns() -> None:
+    rows = {f.name: [] for f in ENGINE_SCHEMA}
+    for r, kl in ((0.5, None), (float("nan"), None), (0.1, float("inf"))):
+        for k, v in zip(rows, (0, "repeat", 0, 1, 1e-3, 0, 0, 1, r, None, None, kl), strict=True):
+            rows[k].append(v)
+    t = pa.Table.from_pydict(rows, schema=ENGINE_SCHEMA)
+    with pytest.raises(NonFiniteResponse, match=r"r: 1 of 3 rows; kl: 1 of 3 rows"):
+        check_finite(t)
+    check_finite(t.slice(0, 1))  # NULLs (r_attn at l = L, kl off l = L) are not errors
+    s = add_unit_columns(t, sweep="s", unit_key="k", model="m", dtype="float32", T=4, n_layers=2)
+    assert s.schema == SHARD_SCHEMA and s.num_rows == 3
+
+
+# ---- on Ray -----------------------------------------------------------------------------------
+
+
+def _run(spec_d: dict, db_url: str, **kw: object) -> tuple[object, object, set[str]]:
+    spec = spec_from_dict(spec_d)
+    store, plan, _ = submit(spec, db_url)
+    summary = Driver(store, spec.name, spec, db_url, progress=False, **kw).run()
+    return store, summary, {u.key for u in plan.units}
+
+
+def test_sweep_resubmit_and_widen(ray_delay: str, db_url: str, tmp_path: Path) -> None:
+    d = spec_dict("widen", tmp_path / "out")
+    store, summary, keys = _run(d, db_url, actors=2)
+    assert summary.counts == {"pending": 0, "leased": 0, "done": 12, "failed": 0}
+    got = check_complete(store, "widen", keys)
+    assert got["units"] == 12
+    # The same spec again adds nothing and runs nothing.
+    spec = spec_from_dict(d)
+    _, plan2, added = submit(spec, db_url)
+    assert (len(plan2.units), added) == (0, 0)
+    # A wider eps grid: only units for the new eps values; old units keep their keys.
+    wide = dict(d, eps=[1e-4, 1e-3, 1e-2, 1e-1])
+    store2, summary2, new_keys = _run(wide, db_url, actors=2)
+    assert len(new_keys) == 12 and new_keys.isdisjoint(keys)
+    new_eps = {e for r in units(store2, "widen") if r["unit_key"] in new_keys
+               for e in json.loads(r["params"])["eps"]}
+    assert new_eps == {1e-4, 1e-1}
+    assert summary2.cells_this_run == 12 * 2 * 2 * 2
+    check_complete(store2, "widen", keys | new_keys)
+    store.close()
+    store2.close()
+
+
+def test_nan_response_fails_unit(ray_delay: str, db_url: str, tmp_path: Path) -> None:
+    # eps = 1e30 overflows the residual stream: the responses are NaN and must never be data.
+    d = spec_dict("nan", tmp_path / "out", eps=[1e-2, 1e30], linear=False, cells_per_unit=4,
+                  layers=[0], positions=[1], prompts={"T": 4, "count": 1}, lease={"ttl_s": 3, "heartbeat_s": 0.5, "max_attempts": 2})
+    store, summary, keys = _run(d, db_url, actors=2)
+    rows = {float(json.loads(r["params"])["eps"][0]): r for r in units(store, "nan")}
+    assert set(rows) == {1e-2, 1e30}
+    assert rows[1e-2]["status"] == "done"
+    bad = rows[1e30]
+    assert bad["status"] == "failed" and bad["attempts"] == 2
+    assert "non-finite response" in bad["error"] and bad["result_path"] is None
+    assert len(store.done_shards("nan")) == 1
+    assert summary.counts["failed"] == 1 and summary.failed[0].key == bad["unit_key"]
+    store.close()
+
+
+def test_kill_actor_mid_unit(ray_delay: str, db_url: str, tmp_path: Path) -> None:
+    """ray.kill an actor while it computes: the unit is re-leased and done exactly once."""
+    import ray
+    from db.store import connect
+
+    d = spec_dict("killactor", tmp_path / "out")
+    spec = spec_from_dict(d)
+    store, plan, _ = submit(spec, db_url)
+    keys = {u.key for u in plan.units}
+    driver = Driver(store, spec.name, spec, db_url, progress=False, actors=2)
+    result: dict[str, object] = {}
+    th = threading.Thread(target=lambda: result.update(summary=driver.run()), daemon=True)
+    th.start()
+    probe = connect(db_url)
+    # Wait until some actor holds a lease, then kill that very actor mid-unit.
+    assert wait_for(lambda: any(r["status"] == "leased" for r in units(probe, spec.name))
+                    and len(driver.slots) == 2, 60)
+    leased = next(r for r in units(probe, spec.name) if r["status"] == "leased")
+    victim = next(s for s in driver.slots if s.worker_id == leased["lease_owner"])
+    ray.kill(victim.actor, no_restart=False)
+    th.join(timeout=120)
+    assert not th.is_alive()
+    summary = result["summary"]
+    assert summary.actor_deaths == 1 and summary.counts["done"] == len(keys)
+    check_complete(probe, spec.name, keys)
+    row = probe.unit(leased["unit_key"])
+    assert row["status"] == "done" and row["attempts"] == 2
+    assert row["lease_owner"] != leased["lease_owner"]
+    assert sorted(r["attempts"] for r in units(probe, spec.name)).count(1) == len(keys) - 1
+    probe.close()
+    store.close()
+
+
+def test_stop_releases_leases(ray_delay: str, db_url: str, tmp_path: Path) -> None:
+    """Ctrl-C path (Driver._stop_all): actors stop, every lease is released, resume finishes."""
+    d = spec_dict("stop", tmp_path / "out")
+    spec = spec_from_dict(d)
+    store, plan, _ = submit(spec, db_url)
+    driver = Driver(store, spec.name, spec, db_url, progress=False, actors=2)
+    calls = {"n": 0}
+
+    def interrupt(st: object) -> None:
+        calls["n"] += 1
+        if st.counts["done"] >= 2:
+            raise KeyboardInterrupt
+
+    driver.on_progress = interrupt
+    t0 = time.monotonic()
+    summary = driver.run()
+    assert summary.interrupted and time.monotonic() - t0 < 60
+    rows = units(store, spec.name)
+    assert not [r for r in rows if r["status"] == "leased"]
+    assert 2 <= sum(r["status"] == "done" for r in rows) < len(rows)
+    # Released units do not count an attempt.
+    assert all(r["attempts"] == 0 for r in rows if r["status"] == "pending")
+    summary2 = Driver(store, spec.name, spec, db_url, progress=False, actors=2).run()
+    assert not summary2.interrupted
+    check_complete(store, spec.name, {u.key for u in plan.units})
+    store.close()
