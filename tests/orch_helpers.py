@@ -21,6 +21,8 @@ import yaml
 
 ROOT = Path(__file__).absolute().parents[1]  # not resolve(): keep a symlinked checkout
 PY = sys.executable
+_HOME: Path | None = None
+_HOME_BEFORE: str | None = None
 
 
 def start_ray(tmp: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -> str:
@@ -31,9 +33,14 @@ def start_ray(tmp: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -
     """
     import ray
 
-    home = tmp / "home"
-    home.mkdir(parents=True, exist_ok=True)
-    os.environ["HOME"] = str(home)
+    global _HOME, _HOME_BEFORE
+    # One HOME per test process: Ray caches that it made ~/.ray/auth_token, so a second
+    # session under another HOME finds no token and its GCS refuses to start.
+    if _HOME is None:
+        _HOME = tmp / "home"
+        _HOME.mkdir(parents=True, exist_ok=True)
+    _HOME_BEFORE = os.environ.get("HOME")
+    os.environ["HOME"] = str(_HOME)
     pp = os.environ.get("PYTHONPATH", "")
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), pp) if p)
     for k, v in (env or {}).items():
@@ -49,16 +56,15 @@ def stop_ray(env_keys: tuple[str, ...] = ()) -> None:
     ray.shutdown()
     for k in env_keys:
         os.environ.pop(k, None)
+    if _HOME_BEFORE is not None:
+        os.environ["HOME"] = _HOME_BEFORE
 
 
 @pytest.fixture(scope="module")
 def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    home_before = os.environ.get("HOME")
     addr = start_ray(tmp_path_factory.mktemp("ray"))
     yield addr
     stop_ray()
-    if home_before is not None:
-        os.environ["HOME"] = home_before
 
 
 def spec_dict(name: str, out: Path, **over: Any) -> dict[str, Any]:
