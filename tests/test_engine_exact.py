@@ -60,7 +60,8 @@ def test_causality_zero_before_position_and_layer(setup):
     r, r_attn, r_mlp, _ = naive_cell(lm, ids[0], lp, j, 0.3, dirs[0])
     assert torch.count_nonzero(r[:lp]) == 0 and torch.count_nonzero(r[:, :j]) == 0
     assert torch.count_nonzero(r_attn[:lp]) == 0 and torch.count_nonzero(r_mlp[:, :j]) == 0
-    assert r[lp, j] > 0 and torch.all(r[lp + 1:, j:] > 0)
+    # (Responses further right may be zero inside a sliding window: Gemma's tiny window is 8.)
+    assert r[lp, j] > 0 and torch.all(r[lp + 1:, j:j + 4] > 0)
     # The engine without prefix reuse computes every level and position. In float32 every
     # row of a batch rounds alike (float64 GEMMs do not on ragged lengths), so the
     # baseline row cancels exactly and the zeros are exact.
