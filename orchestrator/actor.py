@@ -15,7 +15,6 @@ import traceback
 import uuid
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -128,6 +127,7 @@ class UnitRunner:
     def _model(self, params: dict[str, Any]) -> Any:
         if self._lm is None:
             import torch
+
             from tasks.models import load_model
 
             if self.threads:
@@ -223,27 +223,53 @@ def _prompts(lm: Any, params: dict[str, Any]) -> list[Any]:
     from tasks.prompts import make_prompts
 
     p = params["prompt"]
-    kwargs: dict[str, Any] = {}
-    if params["run"].get("text_file"):
-        kwargs["text_file"] = params["run"]["text_file"]
-    # Prompt k is the same for any count > k (tasks.prompts contract), so generate k+1.
-    prompts = make_prompts(lm.tokenizer, T=p["T"], count=p["id"] + 1, seed=p["seed"],
-                           kinds=tuple(p["kinds"]), **kwargs)
-    return [q for q in prompts if q.id == p["id"]]
+    out = []
+    kinds = [k for k in p["kinds"] if k != "text"]
+    if kinds:
+        # Prompt k is the same for any count > k (tasks.prompts draws it from (seed, k)).
+        prompts = make_prompts(lm.token_space, T=p["T"], count=p["id"] + 1, seed=p["seed"],
+                               kinds=tuple(kinds), max_positions=lm.max_positions)
+        out = [q for q in prompts if q.id == p["id"]]
+    if "text" in p["kinds"]:
+        out.append(text_window(lm, params["run"]["text_file"], p["T"], p["id"], p.get("text_sha256")))
+    return out
+
+
+def text_window(lm: Any, path: str, T: int, pid: int, sha256: str | None = None) -> Any:
+    """Text prompt `pid`: BOS + the pid-th window of 2T tokens of the file (same length as
+    the repeat/control prompts, so all kinds of a unit share batched passes)."""
+    import torch
+
+    from tasks.prompts import Prompt
+
+    if lm.tokenizer is None:
+        raise UnisweepError(f"prompts.kinds: 'text' needs a model with a tokenizer; {lm.model_id} has none")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise UnisweepError(f"prompts.text_file {path} changed since the sweep was planned")
+    ids = lm.tokenizer(data.decode("utf-8"), add_special_tokens=False)["input_ids"]
+    need = (pid + 1) * 2 * T
+    if len(ids) < need:
+        raise UnisweepError(f"prompts.text_file: {len(ids)} tokens, prompt {pid} needs {need} "
+                            f"(count x 2T)")
+    bos = [lm.token_space.bos_token_id] if lm.token_space.bos_token_id is not None else []
+    window = bos + list(ids[pid * 2 * T:need])
+    return Prompt(pid, "text", 0, T, torch.tensor(window, dtype=torch.int64))
 
 
 def _directions(lm: Any, params: dict[str, Any]) -> Any:
-    import torch
-
     d = params["directions"]
     if d["family"] == "file":
+        from tasks.directions import load_directions
+
         path = params["run"]["directions_file"]
         with open(path, "rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
         if digest != d["sha256"]:
             raise UnisweepError(f"directions file {path} changed since the sweep was planned "
                                 f"(sha256 {digest[:12]} != {d['sha256'][:12]})")
-        return torch.from_numpy(np.load(path).astype(np.float64))
+        return load_directions(path, lm.d_model)
     from tasks.directions import random_directions
 
     return random_directions(lm.d_model, count=d["count"], seed=d["seed"])

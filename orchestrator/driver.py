@@ -166,17 +166,22 @@ class Driver:
     # ---- actors ----
 
     def _start_actor(self, group: str, ap: ActorPlan, cls: Any) -> _Slot:
+        return self._start_actors([group], ap, cls)[0]
+
+    def _start_actors(self, groups: list[str], ap: ActorPlan, cls: Any) -> list[_Slot]:
+        """Start one actor per entry of `groups` (in parallel) and set each on its group."""
         import ray
 
         L = self.spec.lease
-        actor = cls.options(**ap.options).remote(
-            self.db_url, self.info.id, self.sweep, group, self.info.output_dir,
+        actors = [cls.options(**ap.options).remote(
+            self.db_url, self.info.id, self.sweep, g, self.info.output_dir,
             ttl_s=L.ttl_s, heartbeat_s=L.heartbeat_s, max_attempts=L.max_attempts,
-            threads=ap.threads,
-        )
-        slot = _Slot(actor, group, ray.get(actor.get_worker_id.remote(), timeout=600))
-        slot.ref = actor.run.remote()
-        return slot
+            threads=ap.threads) for g in groups]
+        ids = ray.get([a.get_worker_id.remote() for a in actors], timeout=600)
+        slots = [_Slot(a, g, w) for a, g, w in zip(actors, groups, ids, strict=True)]
+        for slot in slots:
+            slot.ref = slot.actor.run.remote()
+        return slots
 
     def _fail_in_flight(self, worker_id: str, why: str) -> None:
         # A dead worker's units count as a failed attempt (not a release): a unit that kills
@@ -189,11 +194,12 @@ class Driver:
         for key in rows:
             self.store.fail(key, worker_id, why, self.spec.lease.max_attempts)
 
-    def _pick_group(self, open_groups: dict[Any, dict[str, int]]) -> str | None:
+    def _pick_group(self, open_groups: dict[Any, dict[str, int]],
+                    planned: list[str] = ()) -> str | None:
         # The group with the most open cells per actor already on it.
-        on = {}
-        for s in self.slots:
-            on[s.group] = on.get(s.group, 0) + 1
+        on: dict[str, int] = {}
+        for g in [s.group for s in self.slots] + list(planned):
+            on[g] = on.get(g, 0) + 1
         best = None
         for g, d in open_groups.items():
             score = d["cells"] / (1 + on.get(g, 0))
@@ -222,11 +228,13 @@ class Driver:
                 ap = actor_plan(self.spec.resources, ray.cluster_resources(), len(nodes),
                                 self.actors_override)
                 cls = make_actor_class(max_restarts=2, max_task_retries=0)
+                groups: list[str] = []
                 for _ in range(ap.n):
-                    g = self._pick_group(open_groups)
+                    g = self._pick_group(open_groups, groups)
                     if g is None:
                         break
-                    self.slots.append(self._start_actor(g, ap, cls))
+                    groups.append(g)
+                self.slots.extend(self._start_actors(groups, ap, cls))
                 self._watch(ap, cls, progress)
         except KeyboardInterrupt:
             interrupted = True

@@ -62,7 +62,8 @@ def model_meta(name: str) -> ModelMeta:
         info_fn = getattr(tm, "model_info", None)
         if info_fn is not None:
             return _from_info(name, info_fn(name))
-        return _from_info(name, tm.load_model(name, dtype="float32", device="cpu"))
+        # No config-only reader yet: load once on the CPU, without the start-up check.
+        return _from_info(name, tm.load_model(name, dtype="float32", device="cpu", check=False))
     except InvalidInput as exc:
         raise InvalidInput("models", "a known alias, hub name, local folder, .gguf file or "
                            "tiny:<family>", got=name, detail=str(exc)) from None

