@@ -93,8 +93,14 @@ class UnitRunner:
     def get_worker_id(self) -> str:
         return self.worker_id
 
-    def ping(self) -> str:
-        return self.worker_id
+    def node_id(self) -> str | None:
+        """The Ray node this worker runs on (None outside Ray)."""
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 (not in a Ray worker)
+            return None
 
     def _get_store(self) -> Any:
         if self._store is None:
