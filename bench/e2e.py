@@ -28,8 +28,8 @@ def grid(args: argparse.Namespace, out: Path) -> dict:
         "dtype": args.dtype,
         "prompts": {"kinds": ["repeat", "control"], "T": args.T, "count": args.prompts, "seed": 0},
         "layers": args.layers,
-        "positions": {"start": 1, "stop": args.T + 1, "step": max(1, args.T // args.positions)},
-        "eps": {"start": 1e-4, "stop": 1.0, "per_decade": 2},
+        "positions": {"start": 4, "stop": args.T + 1, "step": max(1, args.T // args.positions)},
+        "eps": {"start": 1e-5, "stop": 1e-1, "per_decade": 2},
         "directions": {"family": "random", "count": args.directions, "seed": 0},
         "linear": True,
         "cells_per_unit": args.cells_per_unit,
@@ -85,6 +85,9 @@ def end_to_end(spec, db_url: str) -> dict:
     # Steady state: from the first unit's lease to the last completion, minus the actor's
     # one-off model load (inside the first unit's compute_s).
     span = (last - first).total_seconds()
+    failed = [r["error"] for r in u if r["status"] != "done"]
+    if failed:
+        raise SystemExit(f"{len(failed)} unit(s) not done: {failed[0][:500]}")
     rows = sum(r["result_rows"] for r in u)
     return {"cells": summary.cells_done, "rows": rows, "units": len(u), "run_s": run_s,
             "wall_s": wall_s, "span_s": span, "compute_s": sum(r["compute_s"] for r in u),
@@ -97,8 +100,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--T", type=int, default=16)
     ap.add_argument("--prompts", type=int, default=1)
-    ap.add_argument("--layers", type=int, nargs="+", default=[0, 10, 20])
-    ap.add_argument("--positions", type=int, default=4)
+    ap.add_argument("--layers", type=int, nargs="+", default=[0, 15])
+    ap.add_argument("--positions", type=int, default=2)
     ap.add_argument("--directions", type=int, default=2)
     ap.add_argument("--cells-per-unit", type=int, default=160)
     ap.add_argument("--threads", type=int, default=2)

@@ -115,8 +115,12 @@ def test_nan_response_fails_unit(ray_delay: str, db_url: str, tmp_path: Path) ->
     store.close()
 
 
-def test_kill_actor_mid_unit(ray_delay: str, db_url: str, tmp_path: Path) -> None:
-    """ray.kill an actor while it computes: the unit is re-leased and done exactly once."""
+def test_kill_actor_mid_unit(ray_delay: str, tmp_path: Path) -> None:
+    """ray.kill an actor while it computes: the unit is re-leased and done exactly once.
+
+    SQLite only: the lease/fail statements are the same on both backends (tests/test_db_*),
+    and the driver-kill tests run on PostgreSQL too."""
+    db_url = f"sqlite:///{tmp_path / 'u.db'}"
     import ray
     from db.store import connect
 
@@ -145,4 +149,22 @@ def test_kill_actor_mid_unit(ray_delay: str, db_url: str, tmp_path: Path) -> Non
     assert row["lease_owner"] != leased["lease_owner"]
     assert sorted(r["attempts"] for r in units(probe, spec.name)).count(1) == len(keys) - 1
     probe.close()
+    store.close()
+
+
+def test_several_models_no_reload(ray_delay: str, tmp_path: Path) -> None:
+    """Two models, one actor slot: each actor serves one (model, dtype) group only."""
+    db_url = f"sqlite:///{tmp_path / 'u.db'}"  # grouping is backend-independent
+    d = spec_dict("multi", tmp_path / "out", models=["tiny:llama", "tiny:gpt2"], layers=[0],
+                  positions=[1, 2])
+    store, summary, keys = _run(d, db_url, actors=1)
+    rows = units(store, "multi")
+    assert {r["group"] for r in rows} == {"tiny:llama|float32", "tiny:gpt2|float32"}
+    groups_of: dict[str, set[str]] = {}
+    for r in rows:
+        groups_of.setdefault(r["lease_owner"], set()).add(r["group"])
+    assert len(groups_of) == 2 and all(len(g) == 1 for g in groups_of.values()), groups_of
+    check_complete(store, "multi", keys)
+    models = {json.loads(r["params"])["run"]["model"] for r in rows}
+    assert models == {"tiny:llama", "tiny:gpt2"}
     store.close()
