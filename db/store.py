@@ -118,8 +118,10 @@ class VerifyReport:
 class Store:
     """One database (SQLite file or PostgreSQL schema) holding sweeps, units and workers."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, revisions: tuple[str | None, str | None] = (None, None)) -> None:
         self.engine = engine
+        # Schema revision before and after connect() (equal when nothing had to be migrated).
+        self.revisions = revisions
         self._factory = sessionmaker(bind=engine, expire_on_commit=False)
         self._sweep_ids: dict[str, int] = {}
 
@@ -520,12 +522,13 @@ def connect(
     engine = make_engine(parsed, create_dir=create)
     try:
         if upgrade_schema:
-            before, after = upgrade(engine)
+            before, after = revisions = upgrade(engine)
             if before != after:
                 logger.info("database %s upgraded %s -> %s", mask_url(parsed), before, after)
         else:
             with engine.connect() as conn:
                 rev = current_revision(conn)
+            revisions = (rev, rev)
             if rev != head_revision():
                 raise DatabaseError(
                     parsed, f"schema at revision {rev}, code expects {head_revision()}: run `unisweep db upgrade`"
@@ -536,4 +539,4 @@ def connect(
     except Exception:
         engine.dispose()
         raise
-    return Store(engine)
+    return Store(engine, revisions)
