@@ -1,7 +1,7 @@
 """Leases on work units: lease atomically, heartbeat, complete or fail as the holder, reclaim.
 
-Every function is one short statement on a session from session_scope; the database's row
-locks (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the writer lock) make them atomic.
+Each operation is one statement (prebuilt, Core) on a session from session_scope; the
+database's row locks (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the writer lock) make it atomic.
 """
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import cache
 from typing import Any, Literal
 
-from sqlalchemy import and_, case, or_, select, update
+from sqlalchemy import and_, bindparam, case, literal, or_, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql import Executable
 
 from db.models import Unit
 from tasks.errors import InvalidInput
@@ -22,6 +24,9 @@ logger = logging.getLogger("unisweep.db")
 
 CompleteOutcome = Literal["done", "already_done", "not_leased", "unknown"]
 FailOutcome = Literal["retry", "failed", "already_done", "not_leased", "unknown"]
+
+units = Unit.__table__
+c = units.c
 
 
 @dataclass(frozen=True)
@@ -51,10 +56,36 @@ def check_ttl(ttl_s: float) -> None:
         raise InvalidInput("ttl_s", "a number of seconds > 0", ttl_s)
 
 
-def _leasable(now: datetime) -> Any:
+# Statements are built once per shape: building one costs more Python time than running it.
+@cache
+def _lease_stmt(postgres: bool, by_group: bool, capped: bool) -> Executable:
     # Pending, or leased by a holder that stopped heartbeating: an expired lease is reclaimed
     # by the next lease call, so a killed worker loses at most its units in flight.
-    return or_(Unit.status == "pending", and_(Unit.status == "leased", Unit.lease_expires < now))
+    cond = [
+        c.sweep_id == bindparam("p_sweep"),
+        or_(c.status == "pending", and_(c.status == "leased", c.lease_expires < bindparam("p_now"))),
+    ]
+    if by_group:
+        cond.append(c.group == bindparam("p_group"))
+    if capped:
+        cond.append(c.attempts < bindparam("p_max"))
+    candidates = select(c.id).where(*cond).order_by(c.id).limit(bindparam("p_n"))
+    if postgres:
+        # Concurrent leasers skip each other's rows instead of queueing on them.
+        candidates = candidates.with_for_update(skip_locked=True)
+    return (
+        update(units)
+        .where(c.id.in_(candidates.scalar_subquery()))
+        .values(
+            status="leased",
+            lease_owner=bindparam("p_worker"),
+            lease_expires=bindparam("p_expires"),
+            heartbeat_at=bindparam("p_now"),
+            started_at=bindparam("p_now"),
+            attempts=c.attempts + 1,
+        )
+        .returning(c.id, c.key, c.group, c.params, c.attempts, c.n_cells)
+    )
 
 
 def lease_units(
@@ -67,31 +98,14 @@ def lease_units(
     max_attempts: int | None = None,
 ) -> list[LeasedUnit]:
     """Lease up to n units of a sweep (and group) for worker_id, in plan order, atomically."""
+    conn = session.connection()
     now = utcnow()
-    cond = [Unit.sweep_id == sweep_id, _leasable(now)]
-    if group is not None:
-        cond.append(Unit.group == group)
-    if max_attempts is not None:
-        cond.append(Unit.attempts < max_attempts)
-    candidates = select(Unit.id).where(*cond).order_by(Unit.id).limit(n)
-    if session.get_bind().dialect.name == "postgresql":
-        # Concurrent leasers skip each other's rows instead of queueing on them.
-        candidates = candidates.with_for_update(skip_locked=True)
-    stmt = (
-        update(Unit)
-        .where(Unit.id.in_(candidates.scalar_subquery()))
-        .values(
-            status="leased",
-            lease_owner=worker_id,
-            lease_expires=now + timedelta(seconds=ttl_s),
-            heartbeat_at=now,
-            started_at=now,
-            attempts=Unit.attempts + 1,
-        )
-        .returning(Unit.id, Unit.key, Unit.group, Unit.params, Unit.attempts, Unit.n_cells)
-        .execution_options(synchronize_session=False)
-    )
-    rows = sorted(session.execute(stmt).all())
+    stmt = _lease_stmt(conn.dialect.name == "postgresql", group is not None, max_attempts is not None)
+    params = {
+        "p_sweep": sweep_id, "p_now": now, "p_n": n, "p_worker": worker_id,
+        "p_expires": now + timedelta(seconds=ttl_s), "p_group": group, "p_max": max_attempts,
+    }
+    rows = sorted(conn.execute(stmt, params).all())
     return [LeasedUnit(r.key, r.group, r.params, r.attempts, r.n_cells) for r in rows]
 
 
@@ -101,27 +115,37 @@ def heartbeat(session: Session, worker_id: str, keys: Sequence[str] | None, ttl_
     Fewer than asked means a lease was lost (expired and taken over): drop that unit.
     """
     now = utcnow()
-    cond = [Unit.lease_owner == worker_id, Unit.status == "leased"]
+    cond = [c.lease_owner == worker_id, c.status == "leased"]
     if keys is not None:
         if not keys:
             return 0
-        cond.append(Unit.key.in_(list(keys)))
-    stmt = (
-        update(Unit)
-        .where(*cond)
-        .values(lease_expires=now + timedelta(seconds=ttl_s), heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    return session.execute(stmt).rowcount or 0
+        cond.append(c.key.in_(list(keys)))
+    stmt = update(units).where(*cond).values(lease_expires=now + timedelta(seconds=ttl_s), heartbeat_at=now)
+    return session.connection().execute(stmt).rowcount or 0
 
 
-def _why_not(session: Session, key: str, worker_id: str) -> Literal["already_done", "not_leased", "unknown"]:
-    row = session.execute(select(Unit.status, Unit.lease_owner).where(Unit.key == key)).first()
-    if row is None:
+def _why_not(session: Session, key: str) -> Literal["already_done", "not_leased", "unknown"]:
+    status = session.connection().execute(select(c.status).where(c.key == key)).scalar()
+    if status is None:
         return "unknown"
-    if row.status == "done":
-        return "already_done"
-    return "not_leased"
+    return "already_done" if status == "done" else "not_leased"
+
+
+_COMPLETE = (
+    update(units)
+    .where(c.key == bindparam("p_key"), c.status == "leased", c.lease_owner == bindparam("p_worker"))
+    .values(
+        status="done",
+        finished_at=bindparam("p_now"),
+        lease_expires=None,
+        result_path=bindparam("p_path"),
+        result_rows=bindparam("p_rows"),
+        result_bytes=bindparam("p_bytes"),
+        result_sha256=bindparam("p_sha"),
+        compute_s=bindparam("p_compute"),
+        error=None,
+    )
+)
 
 
 def complete(
@@ -140,51 +164,39 @@ def complete(
     A lease that expired but was not taken over still counts (the holder finished late).
     A second completion, or one without the lease, changes nothing and says why.
     """
-    stmt = (
-        update(Unit)
-        .where(Unit.key == key, Unit.status == "leased", Unit.lease_owner == worker_id)
-        .values(
-            status="done",
-            finished_at=utcnow(),
-            lease_expires=None,
-            result_path=path,
-            result_rows=rows,
-            result_bytes=nbytes,
-            result_sha256=sha256,
-            compute_s=compute_s,
-            error=None,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    if session.execute(stmt).rowcount == 1:
+    params = {
+        "p_key": key, "p_worker": worker_id, "p_now": utcnow(), "p_path": path, "p_rows": rows,
+        "p_bytes": nbytes, "p_sha": sha256, "p_compute": compute_s,
+    }
+    if session.connection().execute(_COMPLETE, params).rowcount == 1:
         return "done"
-    outcome = _why_not(session, key, worker_id)
+    outcome = _why_not(session, key)
     logger.info("complete %s by %s: no-op (%s)", key, worker_id, outcome)
     return outcome
 
 
-def fail(
-    session: Session, key: str, worker_id: str, error: str, max_attempts: int
-) -> FailOutcome:
-    """Record a failed attempt: back to pending for a retry, or failed once attempts reach max."""
-    final = Unit.attempts >= max_attempts
-    stmt = (
-        update(Unit)
-        .where(Unit.key == key, Unit.status == "leased", Unit.lease_owner == worker_id)
-        .values(
-            status=case((final, "failed"), else_="pending"),
-            error=f"[{worker_id}] {error}",
-            lease_owner=None,
-            lease_expires=None,
-            finished_at=utcnow(),
-        )
-        .returning(Unit.status)
-        .execution_options(synchronize_session=False)
+_FAIL = (
+    update(units)
+    .where(c.key == bindparam("p_key"), c.status == "leased", c.lease_owner == bindparam("p_worker"))
+    .values(
+        status=case((c.attempts >= bindparam("p_max"), "failed"), else_="pending"),
+        error=bindparam("p_error"),
+        lease_owner=None,
+        lease_expires=None,
+        finished_at=bindparam("p_now"),
     )
-    row = session.execute(stmt).first()
-    if row is not None:
-        return "failed" if row.status == "failed" else "retry"
-    outcome = _why_not(session, key, worker_id)
+    .returning(c.status)
+)
+
+
+def fail(session: Session, key: str, worker_id: str, error: str, max_attempts: int) -> FailOutcome:
+    """Record a failed attempt: back to pending for a retry, or failed once attempts reach max."""
+    params = {"p_key": key, "p_worker": worker_id, "p_max": max_attempts,
+              "p_error": f"[{worker_id}] {error}", "p_now": utcnow()}
+    status = session.connection().execute(_FAIL, params).scalar()
+    if status is not None:
+        return "failed" if status == "failed" else "retry"
+    outcome = _why_not(session, key)
     logger.info("fail %s by %s: no-op (%s)", key, worker_id, outcome)
     return outcome
 
@@ -192,17 +204,16 @@ def fail(
 def release(session: Session, worker_id: str) -> int:
     """Give back every lease of worker_id (clean shutdown): pending again, attempt not counted."""
     stmt = (
-        update(Unit)
-        .where(Unit.lease_owner == worker_id, Unit.status == "leased")
+        update(units)
+        .where(c.lease_owner == worker_id, c.status == "leased")
         .values(
             status="pending",
             lease_owner=None,
             lease_expires=None,
-            attempts=case((Unit.attempts > 0, Unit.attempts - 1), else_=0),
+            attempts=case((c.attempts > 0, c.attempts - 1), else_=0),
         )
-        .execution_options(synchronize_session=False)
     )
-    return session.execute(stmt).rowcount or 0
+    return session.connection().execute(stmt).rowcount or 0
 
 
 def reclaim_expired(
@@ -213,34 +224,20 @@ def reclaim_expired(
     Returns (reset, failed). lease_units takes expired units anyway; this keeps counts honest
     and stops a unit that kills its worker every time from being retried forever.
     """
+    conn = session.connection()
     now = utcnow()
-    base = [Unit.status == "leased", Unit.lease_expires < now]
+    base = [c.status == "leased", c.lease_expires < now]
     if sweep_id is not None:
-        base.append(Unit.sweep_id == sweep_id)
+        base.append(c.sweep_id == sweep_id)
     n_failed = 0
     if max_attempts is not None:
-        n_failed = (
-            session.execute(
-                update(Unit)
-                .where(*base, Unit.attempts >= max_attempts)
-                .values(
-                    status="failed",
-                    error="lease expired on every attempt (worker lost each time); last holder "
-                    + Unit.lease_owner,
-                    lease_expires=None,
-                    finished_at=now,
-                )
-                .execution_options(synchronize_session=False)
-            ).rowcount
-            or 0
-        )
-    n_reset = (
-        session.execute(
-            update(Unit)
-            .where(*base)
-            .values(status="pending", lease_owner=None, lease_expires=None)
-            .execution_options(synchronize_session=False)
-        ).rowcount
-        or 0
-    )
+        msg = literal("lease expired on every attempt (worker lost each time); last holder ")
+        n_failed = conn.execute(
+            update(units)
+            .where(*base, c.attempts >= max_attempts)
+            .values(status="failed", error=msg + c.lease_owner, lease_expires=None, finished_at=now)
+        ).rowcount or 0
+    n_reset = conn.execute(
+        update(units).where(*base).values(status="pending", lease_owner=None, lease_expires=None)
+    ).rowcount or 0
     return n_reset, n_failed

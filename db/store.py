@@ -123,6 +123,11 @@ class Store:
         # Schema revision before and after connect() (equal when nothing had to be migrated).
         self.revisions = revisions
         self._factory = sessionmaker(bind=engine, expire_on_commit=False)
+        # Leases and completions are single statements, atomic on their own: on PostgreSQL they
+        # run in autocommit, saving the BEGIN and COMMIT round trips (a third of their latency).
+        # SQLite keeps BEGIN IMMEDIATE, which costs no round trip.
+        fast = engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else engine
+        self._fast_factory = sessionmaker(bind=fast, expire_on_commit=False)
         self._sweep_ids: dict[str, int] = {}
 
     @property
@@ -145,6 +150,10 @@ class Store:
 
     def _session(self, *, ignore_integrity: bool = False) -> Any:
         return session_scope(self._factory, ignore_integrity=ignore_integrity)
+
+    def _single(self) -> Any:
+        """A session for one self-contained statement (autocommit where that saves round trips)."""
+        return session_scope(self._fast_factory)
 
     # ---- sweeps -------------------------------------------------------------------------
 
@@ -260,20 +269,20 @@ class Store:
         """Lease up to n pending (or expired) units of a sweep, optionally only of one group."""
         leasing.check_lease_args(n, ttl_s)
         sid = self._sweep_id(sweep_id)
-        with self._session() as s:
+        with self._single() as s:
             return leasing.lease_units(s, worker_id, n, ttl_s, sid, group, max_attempts)
 
     def heartbeat(self, worker_id: str, keys: Sequence[str] | None, ttl_s: float) -> int:
         """Extend worker_id's leases (keys=None: all of them); returns how many it still holds."""
         leasing.check_ttl(ttl_s)
-        with self._session() as s:
+        with self._single() as s:
             return leasing.heartbeat(s, worker_id, keys, ttl_s)
 
     def complete(
         self, key: str, worker_id: str, shard: ShardInfo, compute_s: float = 0.0
     ) -> CompleteOutcome:
         """Mark a unit done with its shard: "done", or a no-op "already_done" | "not_leased" | "unknown"."""
-        with self._session() as s:
+        with self._single() as s:
             return leasing.complete(
                 s, key, worker_id, path=shard.path, rows=shard.rows, nbytes=shard.bytes,
                 sha256=shard.sha256, compute_s=float(compute_s),
@@ -283,12 +292,12 @@ class Store:
         """Record a failed attempt: "retry" (pending again) or "failed" once attempts reach max."""
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise InvalidInput("max_attempts", "an integer >= 1", max_attempts)
-        with self._session() as s:
+        with self._single() as s:
             return leasing.fail(s, key, worker_id, str(error)[:20_000], max_attempts)
 
     def release(self, worker_id: str) -> int:
         """Give back all leases of worker_id (Ctrl-C, clean stop); returns how many."""
-        with self._session() as s:
+        with self._single() as s:
             return leasing.release(s, worker_id)
 
     def reclaim_expired(self, sweep: int | str | None = None, max_attempts: int | None = None) -> tuple[int, int]:
