@@ -69,10 +69,15 @@ def status(sweep: str = typer.Argument(..., help="Sweep name."), db: str | None 
         console.print(ft)
 
 
-def verify(sweep: str = typer.Argument(..., help="Sweep name."), db: str | None = DbOpt, out: str = OutOpt) -> None:
+def verify(
+    sweep: str = typer.Argument(..., help="Sweep name."),
+    db: str | None = DbOpt,
+    out: str = OutOpt,
+    quick: bool = typer.Option(False, "--quick", help="Skip the sha256 (existence, size and row count only)."),
+) -> None:
     """Check every done unit's shard (exists, size, rows, sha256); exit 1 listing the bad ones."""
     with _open(db, out) as store:
-        rep = store.verify(sweep)
+        rep = store.verify(sweep, quick=quick)
     if rep.ok:
         console.print(f"sweep {rep.sweep}: {rep.checked} shards verified, all match")
         return

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta, timezone
 from functools import cache
 from typing import Any, Literal
 
-from sqlalchemy import and_, bindparam, case, literal, or_, select, update
+from sqlalchemy import bindparam, case, literal, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
@@ -58,13 +58,14 @@ def check_ttl(ttl_s: float) -> None:
 
 # Statements are built once per shape: building one costs more Python time than running it.
 @cache
-def _lease_stmt(postgres: bool, by_group: bool, capped: bool) -> Executable:
-    # Pending, or leased by a holder that stopped heartbeating: an expired lease is reclaimed
-    # by the next lease call, so a killed worker loses at most its units in flight.
-    cond = [
-        c.sweep_id == bindparam("p_sweep"),
-        or_(c.status == "pending", and_(c.status == "leased", c.lease_expires < bindparam("p_now"))),
-    ]
+def _lease_stmt(postgres: bool, by_group: bool, capped: bool, expired: bool) -> Executable:
+    # Two shapes, each served in plan order straight from an index (no sort of all pending
+    # rows): units whose holder stopped heartbeating (reclaimed first: they were in flight),
+    # then pending units.
+    if expired:
+        cond = [c.sweep_id == bindparam("p_sweep"), c.status == "leased", c.lease_expires < bindparam("p_now")]
+    else:
+        cond = [c.sweep_id == bindparam("p_sweep"), c.status == "pending"]
     if by_group:
         cond.append(c.group == bindparam("p_group"))
     if capped:
@@ -97,16 +98,23 @@ def lease_units(
     group: str | None = None,
     max_attempts: int | None = None,
 ) -> list[LeasedUnit]:
-    """Lease up to n units of a sweep (and group) for worker_id, in plan order, atomically."""
+    """Lease up to n units of a sweep (and group) for worker_id: expired leases first, then pending.
+
+    Each statement is atomic; an expired lease is reclaimed here, so a killed worker loses
+    at most its units in flight, for one TTL.
+    """
     conn = session.connection()
     now = utcnow()
-    stmt = _lease_stmt(conn.dialect.name == "postgresql", group is not None, max_attempts is not None)
+    shape = (conn.dialect.name == "postgresql", group is not None, max_attempts is not None)
     params = {
         "p_sweep": sweep_id, "p_now": now, "p_n": n, "p_worker": worker_id,
         "p_expires": now + timedelta(seconds=ttl_s), "p_group": group, "p_max": max_attempts,
     }
-    rows = sorted(conn.execute(stmt, params).all())
-    return [LeasedUnit(r.key, r.group, r.params, r.attempts, r.n_cells) for r in rows]
+    rows = conn.execute(_lease_stmt(*shape, expired=True), params).all()
+    if len(rows) < n:
+        params["p_n"] = n - len(rows)
+        rows += conn.execute(_lease_stmt(*shape, expired=False), params).all()
+    return [LeasedUnit(r.key, r.group, r.params, r.attempts, r.n_cells) for r in sorted(rows)]
 
 
 def heartbeat(session: Session, worker_id: str, keys: Sequence[str] | None, ttl_s: float) -> int:

@@ -79,8 +79,10 @@ class Unit(Base):
 
     __table_args__ = (
         UniqueConstraint("key", name="uq_units_key"),
-        # The lease query: next pending (or expired) units of one sweep and group, in plan order.
-        Index("ix_units_sweep_status_group", "sweep_id", "status", "group", "id"),
+        # The lease queries: next pending (or expired) units of a sweep, or of one of its
+        # groups, already in plan order (id) so that LIMIT n stops early without a sort.
+        Index("ix_units_sweep_status_id", "sweep_id", "status", "id"),
+        Index("ix_units_sweep_group_status_id", "sweep_id", "group", "status", "id"),
         Index("ix_units_lease_owner", "lease_owner"),
     )
 

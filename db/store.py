@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
 from db import leasing
@@ -407,8 +407,11 @@ class Store:
             failed=[FailedUnit(k, a, e) for k, a, e in failed],
         )
 
-    def verify(self, sweep: int | str) -> VerifyReport:
-        """Check every done unit's shard: file exists, size, sha256 and Parquet row count match."""
+    def verify(self, sweep: int | str, *, quick: bool = False) -> VerifyReport:
+        """Check every done unit's shard: file exists, size, sha256 and Parquet row count match.
+
+        quick skips the sha256 (which reads every byte): existence, size and row count only.
+        """
         info = self.get_sweep(sweep)
         with self._session() as s:
             rows = s.execute(
@@ -421,7 +424,7 @@ class Store:
             if not path or nrows is None or nbytes is None or not sha:
                 problems.append(ShardProblem(key, path, "done without a recorded shard"))
                 continue
-            reason = verify_shard(ShardInfo(path, nrows, nbytes, sha))
+            reason = verify_shard(ShardInfo(path, nrows, nbytes, sha), checksum=not quick)
             if reason:
                 problems.append(ShardProblem(key, path, reason))
         return VerifyReport(info.name, len(rows), problems)
@@ -542,7 +545,9 @@ def connect(
                 raise DatabaseError(
                     parsed, f"schema at revision {rev}, code expects {head_revision()}: run `unisweep db upgrade`"
                 )
-    except (OperationalError, InterfaceError) as exc:
+    except DBAPIError as exc:
+        # Unreachable server, wrong role or database, missing schema, a file that is not a
+        # database: all the user's environment, so one clear line instead of a traceback.
         engine.dispose()
         raise DatabaseError(parsed, str(exc.orig or exc)) from exc
     except Exception:

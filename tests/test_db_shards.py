@@ -130,3 +130,5 @@ def test_verify_reports_changed_missing_and_truncated(store: Store, tmp_path: Pa
     assert set(reasons) == {"aa01", "bb02", "cc03"}
     assert reasons["aa01"].startswith("sha256") and reasons["bb02"] == "missing"
     assert reasons["cc03"].startswith("size")
+    # --quick skips the checksum: it still sees missing and truncated files, not a flipped byte.
+    assert {p.key for p in store.verify("v", quick=True).problems} == {"bb02", "cc03"}

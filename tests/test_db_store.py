@@ -187,3 +187,14 @@ def test_mask_url() -> None:
     assert "secret" not in mask_url("postgresql+psycopg://u:secret@h:5432/d?sslmode=require")
     assert mask_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
     assert "s3cr" not in mask_url("not a url://u:s3cr@x")
+
+
+def test_models_match_migrations(store: Store) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from db.models import Base
+
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []  # a model change without a migration fails here

@@ -55,7 +55,8 @@ def upgrade() -> None:
         sa.Column("compute_s", sa.Float(), nullable=True),
         sa.UniqueConstraint("key", name="uq_units_key"),
     )
-    op.create_index("ix_units_sweep_status_group", "units", ["sweep_id", "status", "group", "id"])
+    op.create_index("ix_units_sweep_status_id", "units", ["sweep_id", "status", "id"])
+    op.create_index("ix_units_sweep_group_status_id", "units", ["sweep_id", "group", "status", "id"])
     op.create_index("ix_units_lease_owner", "units", ["lease_owner"])
     op.create_table(
         "workers",
@@ -71,6 +72,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("workers")
     op.drop_index("ix_units_lease_owner", table_name="units")
-    op.drop_index("ix_units_sweep_status_group", table_name="units")
+    op.drop_index("ix_units_sweep_group_status_id", table_name="units")
+    op.drop_index("ix_units_sweep_status_id", table_name="units")
     op.drop_table("units")
     op.drop_table("sweeps")
