@@ -114,16 +114,20 @@ def main() -> None:
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 32])
     ap.add_argument("--units", type=int, default=10_000)
     ap.add_argument("--workers", nargs="+", type=int, default=[4])
+    ap.add_argument("--repeat", type=int, default=1, help="runs per row; the row shows the median run (by units/s)")
     args = ap.parse_args()
-    print(f"{args.units} units, {os.cpu_count()} CPU cores, no compute: pure database overhead, "
-          "every worker calling the database back to back")
+    print(f"{args.units} units, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at start), "
+          f"median of {args.repeat} run(s); no compute: pure database overhead, every worker "
+          "calling the database back to back")
     print("| backend | workers | units per lease call | units/s | wall ms per unit | "
           "DB ms per unit in a worker (lease + complete) | add_units s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for backend in args.backend:
         for workers in args.workers:
             for batch in args.batch:
-                r = run_one(backend, batch, args.units, workers)
+                runs = sorted((run_one(backend, batch, args.units, workers) for _ in range(args.repeat)),
+                              key=lambda r: r["units_per_s"])
+                r = runs[len(runs) // 2]
                 print(f"| {r['backend']} | {workers} | {r['batch']} | {r['units_per_s']:.0f} | "
                       f"{1000 / r['units_per_s']:.2f} | {r['ms_per_unit']:.2f} "
                       f"({r['lease_ms_per_unit']:.2f} + {r['complete_ms_per_unit']:.2f}) | "

@@ -97,11 +97,13 @@ def lease_units(
     sweep_id: int,
     group: str | None = None,
     max_attempts: int | None = None,
+    expired_first: bool = True,
 ) -> list[LeasedUnit]:
-    """Lease up to n units of a sweep (and group) for worker_id: expired leases first, then pending.
+    """Lease up to n units of a sweep (and group) for worker_id, from expired leases and pending.
 
-    Each statement is atomic; an expired lease is reclaimed here, so a killed worker loses
-    at most its units in flight, for one TTL.
+    expired_first looks for expired leases before pending units (they were in flight);
+    otherwise only when pending units run short: one statement in the common case. Each
+    statement is atomic, and a killed worker's units come back after its TTL.
     """
     conn = session.connection()
     now = utcnow()
@@ -110,10 +112,10 @@ def lease_units(
         "p_sweep": sweep_id, "p_now": now, "p_n": n, "p_worker": worker_id,
         "p_expires": now + timedelta(seconds=ttl_s), "p_group": group, "p_max": max_attempts,
     }
-    rows = conn.execute(_lease_stmt(*shape, expired=True), params).all()
+    rows = conn.execute(_lease_stmt(*shape, expired=expired_first), params).all()
     if len(rows) < n:
         params["p_n"] = n - len(rows)
-        rows += conn.execute(_lease_stmt(*shape, expired=False), params).all()
+        rows += conn.execute(_lease_stmt(*shape, expired=not expired_first), params).all()
     return [LeasedUnit(r.key, r.group, r.params, r.attempts, r.n_cells) for r in sorted(rows)]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -50,6 +51,7 @@ __all__ = [
 logger = logging.getLogger("unisweep.db")
 
 _INSERT_CHUNK = 10_000  # rows per executemany when adding units
+EXPIRED_CHECK_S = 0.5
 RATE_WINDOW_S = 300.0  # cells/s is measured over the units finished in the last 5 minutes
 
 
@@ -129,6 +131,7 @@ class Store:
         fast = engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else engine
         self._fast_factory = sessionmaker(bind=fast, expire_on_commit=False)
         self._sweep_ids: dict[str, int] = {}
+        self._next_expired_check = 0.0  # time.monotonic() after which lease() looks for expired first
 
     @property
     def url(self) -> str:
@@ -269,8 +272,15 @@ class Store:
         """Lease up to n pending (or expired) units of a sweep, optionally only of one group."""
         leasing.check_lease_args(n, ttl_s)
         sid = self._sweep_id(sweep_id)
+        # Expired leases are looked for first at most every EXPIRED_CHECK_S (they cannot
+        # appear faster than a TTL), and whenever pending units run short: one statement per
+        # call in the common case, and a dead worker's units still come back promptly.
+        now = time.monotonic()
+        expired_first = now >= self._next_expired_check
+        if expired_first:
+            self._next_expired_check = now + EXPIRED_CHECK_S
         with self._single() as s:
-            return leasing.lease_units(s, worker_id, n, ttl_s, sid, group, max_attempts)
+            return leasing.lease_units(s, worker_id, n, ttl_s, sid, group, max_attempts, expired_first)
 
     def heartbeat(self, worker_id: str, keys: Sequence[str] | None, ttl_s: float) -> int:
         """Extend worker_id's leases (keys=None: all of them); returns how many it still holds."""

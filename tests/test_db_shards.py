@@ -119,7 +119,7 @@ def test_verify_reports_changed_missing_and_truncated(store: Store, tmp_path: Pa
     assert rep.ok and rep.checked == 4
     flip = Path(infos["aa01"].path)
     raw = bytearray(flip.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF  # same size, one byte changed
+    raw[8] ^= 0xFF  # same size, one byte of the first data page changed
     flip.write_bytes(bytes(raw))
     Path(infos["bb02"].path).unlink()
     cut = Path(infos["cc03"].path)
