@@ -5,8 +5,11 @@ The database is `--db URL`, else env UNISWEEP_DB, else `--out DIR`/unisweep.db (
 
 from __future__ import annotations
 
+import re
+
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from db.migrate import head_revision
@@ -30,6 +33,16 @@ def _fmt_s(seconds: float | None) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def _summary(error: str | None) -> str:
+    """One line for a table: the worker tag and the last line (a traceback's exception)."""
+    lines = [ln for ln in (error or "").strip().splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    tag = re.match(r"^\[[^\]]*\] ", lines[0])
+    last = lines[-1].strip()
+    return f"{tag.group(0) if tag and len(lines) > 1 else ''}{last}"
 
 
 def db_upgrade(db: str | None = DbOpt, out: str = OutOpt) -> None:
@@ -65,7 +78,7 @@ def status(sweep: str = typer.Argument(..., help="Sweep name."), db: str | None 
         ft.add_column("attempts", justify="right")
         ft.add_column("error")
         for f in st.failed:
-            ft.add_row(f.key, str(f.attempts), (f.error or "").strip().splitlines()[-1:][0] if f.error else "")
+            ft.add_row(escape(f.key), str(f.attempts), escape(_summary(f.error)))
         console.print(ft)
 
 
@@ -83,10 +96,10 @@ def verify(
         return
     table = Table(title=f"sweep {rep.sweep}: {len(rep.problems)} of {rep.checked} shards do not match")
     table.add_column("unit")
-    table.add_column("path")
-    table.add_column("problem")
+    table.add_column("path", overflow="fold")
+    table.add_column("problem", overflow="fold")
     for p in rep.problems:
-        table.add_row(p.key, p.path or "-", p.reason)
+        table.add_row(escape(p.key), escape(p.path or "-"), escape(p.reason))
     console.print(table)
     raise typer.Exit(1)
 
@@ -103,7 +116,7 @@ def gc(
         paths = store.gc(sweep, include_in_flight=in_flight, dry_run=dry_run)
     verb = "would remove" if dry_run else "removed"
     for p in paths:
-        console.print(f"{verb} {p}")
+        console.print(f"{verb} {escape(str(p))}")
     console.print(f"sweep {sweep}: {verb} {len(paths)} orphan file(s)")
 
 

@@ -185,6 +185,8 @@ class Store:
                 )
                 s.flush()
         info = self.get_sweep(name)
+        if info.output_dir != out and info.spec_hash == spec_hash:
+            logger.warning("sweep %s keeps its output folder %s (asked for %s)", name, info.output_dir, out)
         if info.spec_hash != spec_hash:
             raise InvalidInput(
                 "sweep",
@@ -540,7 +542,7 @@ def connect(
     raw = resolve_url(url, output_dir)
     parsed = normalize_url(raw)
     if not create and parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
-        raise DatabaseError(parsed, f"no database file at {parsed.database} (pass --db URL or --out DIR)")
+        raise DatabaseError(raw, f"no database file at {parsed.database} (pass --db URL or --out DIR)")
     engine = make_engine(parsed, create_dir=create)
     try:
         if upgrade_schema:
@@ -559,7 +561,7 @@ def connect(
         # Unreachable server, wrong role or database, missing schema, a file that is not a
         # database: all the user's environment, so one clear line instead of a traceback.
         engine.dispose()
-        raise DatabaseError(parsed, str(exc.orig or exc)) from exc
+        raise DatabaseError(raw, str(exc.orig or exc)) from exc
     except Exception:
         engine.dispose()
         raise

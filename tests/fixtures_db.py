@@ -11,10 +11,14 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import pytest
 from sqlalchemy import create_engine, text
+
+if TYPE_CHECKING:
+    from db.store import Store
 
 # The admin URL of the test server; override to point the suite at another PostgreSQL.
 PG_TEST_URL = os.environ.get("UNISWEEP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -93,7 +97,7 @@ def db_url_module(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture
-def store(db_url: str) -> Iterator[object]:
+def store(db_url: str) -> Iterator[Store]:
     """A connected, migrated db.store.Store on each backend, closed after the test."""
     from db.store import connect
 

@@ -92,7 +92,7 @@ def test_cli_status_verify_gc(db_url: str, tmp_path: Path) -> None:
     res = runner.invoke(app, ["status", "cli"], env=env)
     assert res.exit_code == 0, res.output
     assert "cells 20/50 (40.0%)" in res.output
-    assert "u2" in res.output and "CUDA out of memory" in res.output
+    assert "u2" in res.output and "[w] RuntimeError: CUDA out of memory" in res.output
 
     res = runner.invoke(app, ["verify", "cli"], env=env)
     assert res.exit_code == 0 and "2 shards verified" in res.output
