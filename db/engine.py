@@ -20,16 +20,19 @@ SQLITE_BUSY_MS = 60_000
 PG_CONNECT_TIMEOUT_S = 5
 
 
-def make_engine(url: str | URL, *, create_dir: bool = True) -> Engine:
-    """An engine for `url` (checked by normalize_url); nothing is connected yet."""
+def make_engine(url: str | URL, *, create_dir: bool = True, pre_ping: bool = True) -> Engine:
+    """An engine for `url` (checked by normalize_url); nothing is connected yet.
+
+    pre_ping (PostgreSQL): test each pooled connection before use, so a worker that lives for
+    days survives a server restart; costs one round trip per checkout.
+    """
     parsed = normalize_url(url)
     if parsed.get_backend_name() == "sqlite":
         return _sqlite_engine(parsed, create_dir=create_dir)
     connect_args: dict[str, Any] = {}
     if "connect_timeout" not in parsed.query:
         connect_args["connect_timeout"] = PG_CONNECT_TIMEOUT_S
-    # pre_ping: a worker that lives for days survives a server restart between calls.
-    return create_engine(parsed, connect_args=connect_args, pool_pre_ping=True, pool_size=2)
+    return create_engine(parsed, connect_args=connect_args, pool_pre_ping=pre_ping, pool_size=2)
 
 
 def _sqlite_engine(url: URL, *, create_dir: bool) -> Engine:

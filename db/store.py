@@ -9,11 +9,11 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 from sqlalchemy import func, select, update
@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from db import leasing
 from db.engine import make_engine
@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger("unisweep.db")
+T = TypeVar("T")
 
 _INSERT_CHUNK = 10_000  # rows per executemany when adding units
 EXPIRED_CHECK_S = 0.5
@@ -120,16 +121,26 @@ class VerifyReport:
 class Store:
     """One database (SQLite file or PostgreSQL schema) holding sweeps, units and workers."""
 
-    def __init__(self, engine: Engine, revisions: tuple[str | None, str | None] = (None, None)) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        revisions: tuple[str | None, str | None] = (None, None),
+        hot_engine: Engine | None = None,
+    ) -> None:
         self.engine = engine
         # Schema revision before and after connect() (equal when nothing had to be migrated).
         self.revisions = revisions
         self._factory = sessionmaker(bind=engine, expire_on_commit=False)
         # Leases and completions are single statements, atomic on their own: on PostgreSQL they
-        # run in autocommit, saving the BEGIN and COMMIT round trips (a third of their latency).
+        # run in autocommit on a pool without pre-ping, one round trip each instead of four
+        # (ping, BEGIN, statement, COMMIT); a dropped connection is retried once (_hot).
         # SQLite keeps BEGIN IMMEDIATE, which costs no round trip.
-        fast = engine.execution_options(isolation_level="AUTOCOMMIT") if self.dialect == "postgresql" else engine
-        self._fast_factory = sessionmaker(bind=fast, expire_on_commit=False)
+        self._hot_engine = hot_engine or engine
+        if self.dialect == "postgresql":
+            hot = self._hot_engine.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            hot = self._hot_engine
+        self._fast_factory = sessionmaker(bind=hot, expire_on_commit=False)
         self._sweep_ids: dict[str, int] = {}
         self._next_expired_check = 0.0  # time.monotonic() after which lease() looks for expired first
 
@@ -144,6 +155,7 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        self._hot_engine.dispose()
 
     def __enter__(self) -> Store:
         return self
@@ -154,9 +166,22 @@ class Store:
     def _session(self, *, ignore_integrity: bool = False) -> Any:
         return session_scope(self._factory, ignore_integrity=ignore_integrity)
 
-    def _single(self) -> Any:
-        """A session for one self-contained statement (autocommit where that saves round trips)."""
-        return session_scope(self._fast_factory)
+    def _hot(self, fn: Callable[[Session], T]) -> T:
+        """Run one self-contained statement; retry once if the pooled connection had died.
+
+        Safe to repeat: a retried lease whose first try committed leaves units that expire
+        after the TTL; a retried completion whose first try committed answers already_done.
+        """
+        for attempt in (1, 2):
+            try:
+                with session_scope(self._fast_factory) as s:
+                    return fn(s)
+            except DatabaseError as exc:
+                if attempt == 1 and getattr(exc.__cause__, "connection_invalidated", False):
+                    logger.info("database connection lost, retrying once: %s", exc)
+                    continue
+                raise
+        raise AssertionError("unreachable")
 
     # ---- sweeps -------------------------------------------------------------------------
 
@@ -281,36 +306,35 @@ class Store:
         expired_first = now >= self._next_expired_check
         if expired_first:
             self._next_expired_check = now + EXPIRED_CHECK_S
-        with self._single() as s:
-            return leasing.lease_units(s, worker_id, n, ttl_s, sid, group, max_attempts, expired_first)
+        return self._hot(
+            lambda s: leasing.lease_units(s, worker_id, n, ttl_s, sid, group, max_attempts, expired_first)
+        )
 
     def heartbeat(self, worker_id: str, keys: Sequence[str] | None, ttl_s: float) -> int:
         """Extend worker_id's leases (keys=None: all of them); returns how many it still holds."""
         leasing.check_ttl(ttl_s)
-        with self._single() as s:
-            return leasing.heartbeat(s, worker_id, keys, ttl_s)
+        return self._hot(lambda s: leasing.heartbeat(s, worker_id, keys, ttl_s))
 
     def complete(
         self, key: str, worker_id: str, shard: ShardInfo, compute_s: float = 0.0
     ) -> CompleteOutcome:
         """Mark a unit done with its shard: "done", or a no-op "already_done" | "not_leased" | "unknown"."""
-        with self._single() as s:
-            return leasing.complete(
+        return self._hot(
+            lambda s: leasing.complete(
                 s, key, worker_id, path=shard.path, rows=shard.rows, nbytes=shard.bytes,
                 sha256=shard.sha256, compute_s=float(compute_s),
             )
+        )
 
     def fail(self, key: str, worker_id: str, error: str, max_attempts: int = 3) -> FailOutcome:
         """Record a failed attempt: "retry" (pending again) or "failed" once attempts reach max."""
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise InvalidInput("max_attempts", "an integer >= 1", max_attempts)
-        with self._single() as s:
-            return leasing.fail(s, key, worker_id, str(error)[:20_000], max_attempts)
+        return self._hot(lambda s: leasing.fail(s, key, worker_id, str(error)[:20_000], max_attempts))
 
     def release(self, worker_id: str) -> int:
         """Give back all leases of worker_id (Ctrl-C, clean stop); returns how many."""
-        with self._single() as s:
-            return leasing.release(s, worker_id)
+        return self._hot(lambda s: leasing.release(s, worker_id))
 
     def reclaim_expired(self, sweep: int | str | None = None, max_attempts: int | None = None) -> tuple[int, int]:
         """Expired leases -> pending (or failed after max_attempts); returns (reset, failed)."""
@@ -565,4 +589,5 @@ def connect(
     except Exception:
         engine.dispose()
         raise
-    return Store(engine, revisions)
+    hot = make_engine(parsed, pre_ping=False) if parsed.get_backend_name() == "postgresql" else None
+    return Store(engine, revisions, hot)

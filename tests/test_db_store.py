@@ -15,6 +15,7 @@ from db.migrate import head_revision
 from db.shards import ShardInfo
 from db.store import Store, UnitSpec, connect, mask_url
 from tasks.errors import InvalidInput
+from tests.fixtures_db import make_db_url
 
 SHARD = ShardInfo("/data/x.parquet", 10, 100, "a" * 64)
 
@@ -198,3 +199,32 @@ def test_models_match_migrations(store: Store) -> None:
     with store.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []  # a model change without a migration fails here
+
+
+@pytest.mark.postgres
+def test_dropped_connections_are_survived(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with make_db_url("postgres", tmp_path) as db_url:
+        _dropped_connections(db_url, tmp_path, caplog)
+
+
+def _dropped_connections(db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = connect(db_url)
+    _sweep(store, tmp_path, n=3)
+    [u] = store.lease("w", 1, 30, sweep_id="s1")
+    # Kill every pooled connection of this store, as a server restart or a firewall would.
+    pids = set()
+    for engine in (store.engine, store._hot_engine):
+        with engine.connect() as conn:
+            pids.add(conn.execute(text("SELECT pg_backend_pid()")).scalar())
+    admin = connect(db_url)
+    with admin.engine.connect() as conn:
+        for pid in pids:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        conn.commit()
+    admin.close()
+    time.sleep(0.2)  # the backends exit asynchronously
+    with caplog.at_level("INFO", logger="unisweep.db"):
+        assert store.complete(u.key, "w", SHARD, 1.0) == "done"  # hot path: retried once
+    assert "retrying once" in caplog.text
+    assert store.status("s1").counts["done"] == 1  # management path: pre-ping reconnects
+    store.close()
