@@ -108,6 +108,29 @@ def run_one(backend: str, batch: int, n_units: int, n_workers: int) -> dict:
     }
 
 
+def floor_ms(backend: str, n: int = 2000) -> float:
+    """The database's own floor: one bare single-row UPDATE commit, no SQLAlchemy, one process."""
+    with fresh_db(backend) as url:
+        store = connect(url)
+        sid = store.create_sweep("bench", {}, "h", tempfile.gettempdir())
+        store.add_units(sid, [UnitSpec(f"u{i:06d}", None, {}, 1) for i in range(n)])
+        raw = store.engine.raw_connection()
+        dbapi = raw.driver_connection
+        if backend == "postgres":
+            dbapi.autocommit = True
+        cur = dbapi.cursor()
+        ph = "%s" if backend == "postgres" else "?"
+        t0 = time.perf_counter()
+        for i in range(n):
+            cur.execute(f"UPDATE units SET status = 'done' WHERE key = {ph}", (f"u{i:06d}",))
+            if backend == "sqlite":
+                dbapi.commit()
+        ms = 1000 * (time.perf_counter() - t0) / n
+        raw.close()
+        store.close()
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--backend", nargs="+", default=["postgres", "sqlite"], choices=["postgres", "sqlite"])
@@ -115,6 +138,7 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=10_000)
     ap.add_argument("--workers", nargs="+", type=int, default=[4])
     ap.add_argument("--repeat", type=int, default=1, help="runs per row; the row shows the median run (by units/s)")
+    ap.add_argument("--floor", action="store_true", help="also time a bare UPDATE commit per backend")
     args = ap.parse_args()
     print(f"{args.units} units, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at start), "
           f"median of {args.repeat} run(s); no compute: pure database overhead, every worker "
@@ -122,6 +146,9 @@ def main() -> None:
     print("| backend | workers | units per lease call | units/s | wall ms per unit | "
           "DB ms per unit in a worker (lease + complete) | add_units s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    if args.floor:
+        for backend in args.backend:
+            print(f"floor {backend}: bare single-row UPDATE + commit, 1 process: {floor_ms(backend):.2f} ms")
     for backend in args.backend:
         for workers in args.workers:
             for batch in args.batch:

@@ -35,7 +35,9 @@ from tasks.errors import InvalidInput
 
 __all__ = [
     "DatabaseError",
+    "FailedUnit",
     "LeasedUnit",
+    "ShardInfo",
     "ShardProblem",
     "Store",
     "SweepInfo",
@@ -52,7 +54,7 @@ logger = logging.getLogger("unisweep.db")
 T = TypeVar("T")
 
 _INSERT_CHUNK = 10_000  # rows per executemany when adding units
-EXPIRED_CHECK_S = 0.5
+EXPIRED_CHECK_S = 0.5  # lease() looks for expired leases first at most this often (per Store)
 RATE_WINDOW_S = 300.0  # cells/s is measured over the units finished in the last 5 minutes
 
 

@@ -1,6 +1,6 @@
 """A worker process for the db concurrency tests: lease and complete, or lease and hang.
 
-Run as `python -m tests.db_worker URL SWEEP WORKER MODE [N] [TTL] [START_AT]`; prints one JSON line.
+Run as `python -m tests.db_worker URL SWEEP WORKER MODE [N] [TTL]`; prints JSON lines.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ def main(argv: list[str]) -> None:
     url, sweep, worker, mode = argv[:4]
     n = int(argv[4]) if len(argv) > 4 else 8
     ttl = float(argv[5]) if len(argv) > 5 else 30.0
-    start_at = float(argv[6]) if len(argv) > 6 else 0.0
     store = connect(url)
-    # Every process starts leasing at the same moment, so the leases really overlap.
-    while time.time() < start_at:
-        time.sleep(0.005)
     if mode == "drain":
+        # Every process starts leasing at the same moment, so the leases really overlap:
+        # say we are connected, then wait for the parent's "go" on stdin.
+        print(json.dumps({"ready": worker}), flush=True)
+        sys.stdin.readline()
         leased, outcomes = [], []
         while units := store.lease(worker, n, ttl, sweep_id=sweep):
             for u in units:

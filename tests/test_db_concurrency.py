@@ -24,7 +24,7 @@ def _spawn(*args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         [sys.executable, "-m", "tests.db_worker", *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -33,8 +33,12 @@ def test_four_processes_lease_each_unit_exactly_once(db_url: str, tmp_path: Path
     sid = store.create_sweep("conc", {"k": 1}, "h", tmp_path)
     keys = [f"u{i:04d}" for i in range(1000)]
     assert store.add_units(sid, [UnitSpec(k, None, {"i": i}, 3) for i, k in enumerate(keys)]) == 1000
-    start_at = f"{time.time() + 2.0:.3f}"  # after the 4 interpreters have imported and connected
-    procs = [_spawn(db_url, "conc", f"w{i}", "drain", "7", "60", start_at) for i in range(4)]
+    procs = [_spawn(db_url, "conc", f"w{i}", "drain", "7", "60") for i in range(4)]
+    for p in procs:  # all four interpreters imported and connected ...
+        assert "ready" in p.stdout.readline()
+    for p in procs:  # ... then they start together
+        p.stdin.write("go\n")
+        p.stdin.flush()
     results = []
     for p in procs:
         out, err = p.communicate(timeout=120)

@@ -161,8 +161,8 @@ def test_status_rate_eta_and_tables(store: Store, tmp_path: Path) -> None:
     st = store.status("s1")
     assert st.counts == {"pending": 5, "leased": 0, "done": 5, "failed": 0}
     assert st.cells_done == 20 and st.compute_s == pytest.approx(2.5)
-    # 20 cells in about 0.2 s since the first start: ~100 cells/s, ETA ~0.2 s for 20 more.
-    assert 20 < st.cells_per_s < 200
+    # 20 cells in a bit over 0.2 s since the first start: < 100 cells/s (> 4 unless very slow).
+    assert 4 < st.cells_per_s < 100
     assert st.eta_s == pytest.approx(20 / st.cells_per_s)
     t = store.table_arrow("units", "s1")
     assert t.num_rows == 10 and t.column("status").to_pylist().count("done") == 5
