@@ -143,12 +143,12 @@ def main() -> None:
     print(f"{args.units} units, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at start), "
           f"median of {args.repeat} run(s); no compute: pure database overhead, every worker "
           "calling the database back to back")
-    print("| backend | workers | units per lease call | units/s | wall ms per unit | "
-          "DB ms per unit in a worker (lease + complete) | add_units s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
     if args.floor:
         for backend in args.backend:
             print(f"floor {backend}: bare single-row UPDATE + commit, 1 process: {floor_ms(backend):.2f} ms")
+    print("| backend | workers | units per lease call | units/s | wall ms per unit | "
+          "DB ms per unit in a worker (lease + complete) | add_units s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for backend in args.backend:
         for workers in args.workers:
             for batch in args.batch:

@@ -228,3 +228,11 @@ def _dropped_connections(db_url: str, tmp_path: Path, caplog: pytest.LogCaptureF
     assert "retrying once" in caplog.text
     assert store.status("s1").counts["done"] == 1  # management path: pre-ping reconnects
     store.close()
+
+
+def test_module_scoped_fixture(db_url_module: str, tmp_path: Path) -> None:
+    # The shared fixture other areas use: a database that outlives one test, still isolated.
+    with connect(db_url_module) as st:
+        sid = st.create_sweep(f"m{tmp_path.name[-6:].replace('_', '')}", {}, "h", tmp_path)
+        assert st.add_units(sid, [UnitSpec("mod-u1", None, {}, 1)]) == 1
+        assert st.get_sweep(sid).id == sid
