@@ -29,6 +29,9 @@ from db.store import UnitSpec, connect  # noqa: E402
 PG_URL = os.environ.get("UNISWEEP_BENCH_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
+PG_OPTIONS = ""  # extra libpq options, e.g. "-csynchronous_commit=off" (--pg-async-commit)
+
+
 @contextmanager
 def fresh_db(backend: str):
     """A new SQLite file or a new PostgreSQL schema, removed afterwards."""
@@ -41,7 +44,7 @@ def fresh_db(backend: str):
     with admin.connect() as c:
         c.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield f"{PG_URL}?options={quote(f'-csearch_path={schema}')}"
+        yield f"{PG_URL}?options={quote(f'-csearch_path={schema} {PG_OPTIONS}'.strip())}"
     finally:
         with admin.connect() as c:
             c.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
@@ -139,7 +142,12 @@ def main() -> None:
     ap.add_argument("--workers", nargs="+", type=int, default=[4])
     ap.add_argument("--repeat", type=int, default=1, help="runs per row; the row shows the median run (by units/s)")
     ap.add_argument("--floor", action="store_true", help="also time a bare UPDATE commit per backend")
+    ap.add_argument("--pg-async-commit", action="store_true",
+                    help="PostgreSQL with synchronous_commit=off (set in the URL, no code change)")
     args = ap.parse_args()
+    if args.pg_async_commit:
+        global PG_OPTIONS
+        PG_OPTIONS = "-csynchronous_commit=off"
     print(f"{args.units} units, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at start), "
           f"median of {args.repeat} run(s); no compute: pure database overhead, every worker "
           "calling the database back to back")
