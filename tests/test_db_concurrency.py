@@ -48,8 +48,11 @@ def test_four_processes_lease_each_unit_exactly_once(db_url: str, tmp_path: Path
     assert sorted(leased) == keys  # every unit leased ...
     assert max(leased.values()) == 1  # ... by exactly one process, once
     assert all(o == "done" for r in results for o in r["outcomes"])
-    # The leases really interleaved: every process got a share.
-    assert all(len(r["leased"]) > 0 for r in results), [len(r["leased"]) for r in results]
+    # The leases really interleaved: several processes got a share. (Not necessarily all
+    # four: SQLite's busy handler sleeps while others take the lock, so with no compute
+    # between calls one process can be starved; fairness is not part of the contract.)
+    shares = [len(r["leased"]) for r in results]
+    assert sum(1 for n in shares if n > 0) >= 2, shares
     st = store.status("conc")
     assert st.counts == {"pending": 0, "leased": 0, "done": 1000, "failed": 0}
     assert st.cells_done == 3000
