@@ -236,3 +236,20 @@ def test_module_scoped_fixture(db_url_module: str, tmp_path: Path) -> None:
         sid = st.create_sweep(f"m{tmp_path.name[-6:].replace('_', '')}", {}, "h", tmp_path)
         assert st.add_units(sid, [UnitSpec("mod-u1", None, {}, 1)]) == 1
         assert st.get_sweep(sid).id == sid
+
+
+@pytest.mark.postgres
+def test_password_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with make_db_url("postgres", tmp_path) as url:
+        # The test server trusts local connections, so a password in the URL is accepted and unused.
+        with_pw = url.replace("postgres@", "postgres:Pw-s3cret-42@", 1)
+        assert "Pw-s3cret-42" in with_pw
+        with caplog.at_level("DEBUG"):
+            store = connect(with_pw)
+            _sweep(store, tmp_path, n=2)
+            [u] = store.lease("w", 1, 30, sweep_id="s1")
+            store.complete(u.key, "w", SHARD)
+            store.complete(u.key, "w", SHARD)  # logs the no-op
+            store.close()
+        assert store.url.startswith("postgresql+psycopg://postgres:***@")
+        assert caplog.records and "Pw-s3cret-42" not in caplog.text

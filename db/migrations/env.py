@@ -11,10 +11,11 @@ from db.models import Base
 
 config = context.config
 connection = config.attributes.get("connection")
-if connection is None:  # pragma: no cover - only reached by a bare `alembic` command line
+if connection is None:  # only reached by a bare `alembic -c db/alembic.ini ...` command line
     from db.engine import make_engine
+    from db.urls import resolve_url
 
-    connection = make_engine(config.get_main_option("sqlalchemy.url")).connect()
+    connection = make_engine(config.get_main_option("sqlalchemy.url") or resolve_url()).connect()
 
 # Unqualified tables: on PostgreSQL they (and alembic_version) land in the first schema of
 # the connection's search_path, which is how a per-run schema works.
