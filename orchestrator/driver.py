@@ -161,7 +161,6 @@ class Driver:
         self.info = store.get_sweep(sweep)
         self.slots: list[_Slot] = []
         self.deaths = 0
-        self.graveyard: list[str] = []  # worker ids of dead actors whose leases were handled
 
     # ---- actors ----
 
@@ -245,7 +244,8 @@ class Driver:
             progress.close()
         st = self.store.status(self.sweep)
         if not interrupted:
-            final = "failed" if st.counts["failed"] else ("done" if st.counts["pending"] + st.counts["leased"] == 0 else "stopped")
+            open_units = st.counts["pending"] + st.counts["leased"]
+            final = "failed" if st.counts["failed"] else ("done" if open_units == 0 else "stopped")
         else:
             final = "stopped"
         self.store.set_sweep_status(self.sweep, final)

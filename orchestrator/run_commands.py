@@ -37,7 +37,10 @@ def _finish(summary: object) -> None:
         console.print("interrupted: leases released; continue with `unisweep resume "
                       f"{summary.sweep}`", highlight=False)
         raise typer.Exit(130)
-    if c["failed"]:
+    if c["pending"] + c["leased"]:
+        console.print(f"{c['pending'] + c['leased']} units still open (actors lost?): "
+                      f"`unisweep resume {summary.sweep}`", highlight=False)
+    if c["failed"] or c["pending"] + c["leased"]:
         raise typer.Exit(1)
 
 
@@ -80,7 +83,6 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the open units of SWEEP (pending, or leased by a worker that stopped)."""
         from db.store import connect
-
         from orchestrator.driver import Driver, load_sweep_spec
 
         store = connect(db, output_dir=out, create=False)
