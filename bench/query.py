@@ -26,8 +26,8 @@ L, T, LPS, DIRS = 30, 16, (0, 10, 20), 4
 EPS = tuple(10 ** (k / 2) for k in range(-12, 1))
 
 
-def rows_per_pair() -> int:
-    pairs = sum(33 - j for j in range(1, T + 1))
+def rows_per_pair(n_positions: int = T) -> int:
+    pairs = sum(2 * T + 1 - j for j in range(1, n_positions + 1))
     return 2 * sum(pairs * (L + 1 - lp) * (len(EPS) + 1) * DIRS for lp in LPS)
 
 
@@ -41,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     n_prompts = max(1, round(args.rows / rows_per_pair()))
+    # Below one prompt pair (tests), perturb fewer positions instead.
+    n_pos = T if args.rows >= rows_per_pair() else max(
+        1, next(k for k in range(T, 0, -1) if rows_per_pair(k) <= args.rows or k == 1))
     spec = SyntheticSpec(sweep="bench", models=(("synth-30", L),), T=T, n_prompts=n_prompts,
-                         lps=LPS, eps=EPS, directions=DIRS)
+                         lps=LPS, eps=EPS, directions=DIRS, positions=tuple(range(1, n_pos + 1)))
     tmp = Path(tempfile.mkdtemp(prefix="unisweep-bench-", dir=args.dir))
     try:
         t0 = time.perf_counter()
