@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,36 +37,23 @@ def from_shards(shard_paths: Sequence[str | Path], units: pa.Table | None = None
     return SweepData(con=con, sweep=sweep, shard_paths=[Path(p) for p in shard_paths])
 
 
-def resolve_db_url(db: str | None = None, out: str | Path | None = None) -> str:
-    """The CLI convention: `--db URL`, else env UNISWEEP_DB, else `<out or runs/>/unisweep.db`."""
-    if db:
-        return db
-    env = os.environ.get("UNISWEEP_DB")
-    if env:
-        return env
-    path = Path(out or "runs") / "unisweep.db"
-    if not path.is_file():
-        raise InvalidInput("db", "a database URL (--db or UNISWEEP_DB) or an --out folder "
-                           "holding unisweep.db", str(path), detail="no database there")
-    return f"sqlite:///{path.resolve()}"
-
-
-def load_sweep(sweep: str, db: str | None = None, out: str | Path | None = None, *,
+def load_sweep(sweep: str | None, db: str | None = None, out: str | Path | None = None, *,
                threads: int | None = None) -> SweepData:
-    """Open a sweep from the result database: its done shards and its units / sweeps rows."""
+    """Open a sweep from the result database: its done shards and its units / sweeps rows.
+
+    `db` is a SQLAlchemy URL; else env UNISWEEP_DB; else `<out or runs/>/unisweep.db`.
+    `sweep` None opens every sweep in the database. Nothing is written to the database.
+    """
     from db.store import connect  # the database layer is only needed on this path
 
-    if not sweep:
+    if sweep is not None and not sweep:
         raise InvalidInput("sweep", "the name of a sweep in the database", sweep)
-    store = connect(resolve_db_url(db, out))
+    store = connect(db, output_dir=out, create=False, upgrade_schema=False)
     try:
-        shards = store.done_shards(sweep)
+        names = [sweep] if sweep is not None else [s.name for s in store.list_sweeps()]
+        shards = [s for name in names for s in store.done_shards(name)]  # unknown name: raises
         units = store.table_arrow("units", sweep)
         sweeps = store.table_arrow("sweeps", sweep)
     finally:
-        close = getattr(store, "close", None)
-        if close:
-            close()
-    if sweeps.num_rows == 0:
-        raise InvalidInput("sweep", "the name of a sweep in the database", sweep)
+        store.close()
     return from_shards([s.path for s in shards], units, sweeps, sweep=sweep, threads=threads)

@@ -71,7 +71,7 @@ def open_sweep(
     )
     for name, table in (("units", units), ("sweeps", sweeps)):
         if table is None:
-            table = pa.table({"name": pa.array([], pa.string())})
+            table = pa.table({"sweep": pa.array([], pa.string())})
         con.register(f"_{name}_arrow", table)
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_arrow")
     if lock:

@@ -39,9 +39,9 @@ def sweep_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data(sweep_dir):
     _, paths = sweep_dir
-    units = pa.table({"key": [p.stem for p in paths], "status": ["done"] * len(paths),
+    units = pa.table({"unit_key": [p.stem for p in paths], "status": ["done"] * len(paths),
                       "compute_s": [1.5] * len(paths)})
-    sweeps = pa.table({"name": ["syn"], "spec_hash": ["abc"]})
+    sweeps = pa.table({"sweep": ["syn"], "spec_hash": ["abc"]})
     return from_shards(paths, units, sweeps, sweep="syn")
 
 
@@ -63,9 +63,9 @@ def test_responses_reads_exactly_the_listed_shards(data, sweep_dir):
 
 
 def test_query_joins_responses_with_units(data):
-    t = run_query(data.con, "SELECT u.key, count(*) AS n, any_value(u.compute_s) AS s "
-                            "FROM responses r JOIN units u ON u.key = r.unit_key "
-                            "GROUP BY u.key ORDER BY u.key")
+    t = run_query(data.con, "SELECT u.unit_key, count(*) AS n, any_value(u.compute_s) AS s "
+                            "FROM responses r JOIN units u USING (unit_key) "
+                            "GROUP BY u.unit_key ORDER BY u.unit_key")
     assert t.num_rows == len(data.shard_paths)
     assert set(t.column("s").to_pylist()) == {1.5}
 
