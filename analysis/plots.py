@@ -58,18 +58,21 @@ def collapse_curves(curves: pl.DataFrame, plateaus: pl.DataFrame, layers: list[i
                 ax.axhline(lin[0], color=color, ls="--", lw=0.9)
             p = plateaus.filter((pl.col("offset_class") == cls) & (pl.col("l") == layer))
             if len(p) and p["eps_lo"][0] is not None and p["n_plateau"][0] > 1:
-                ax.axvspan(p["eps_lo"][0], p["eps_hi"][0], color=color, alpha=0.12, lw=0)
+                # The plateau: the same curve, drawn thick and pale over its eps range.
+                on = fin.filter(pl.col("eps").is_between(p["eps_lo"][0], p["eps_hi"][0]))
+                ax.plot(on["eps"], on["chi"], "-", lw=7, alpha=0.25, color=color,
+                        solid_capstyle="butt")
         ax.set_xscale("log")
         _plain_log_y(ax)
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+        ax.tick_params(axis="y", which="both", labelsize=8)
         ax.set_title(cls.replace("_", " "))
         ax.set_xlabel(EPS_LABEL, fontsize=8)
         ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel(CHI_LABEL, fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
     handles += [plt.Line2D([], [], color="grey", ls="--"),
-                plt.Rectangle((0, 0), 1, 1, color="grey", alpha=0.2)]
-    labels += ["linear response (jvp)", "plateau (within tol)"]
+                plt.Line2D([], [], color="grey", lw=7, alpha=0.3)]
+    labels += ["linear response (jvp)", "plateau (within tol of its median)"]
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
                bbox_to_anchor=(0.5, 1.08))
     fig.suptitle(title, y=1.14)
@@ -108,39 +111,47 @@ def normalized_collapse(curves: pl.DataFrame, path: Path, title: str, tol: float
 
 
 def chi_maps(maps: dict[tuple[str, int], pl.DataFrame], T: int, path: Path, title: str) -> Path:
-    """chi(i, j) heatmaps, rows = prompt kind, columns = layer, shared log colour scale;
-    the induction stripes i = j + T - 1 and i = j + T are traced in white."""
+    """chi(i, j) heatmaps, rows = prompt kind, columns = layer, shared log colour scale.
+
+    One column per perturbed position j of the sweep (sparse grids stay readable); the
+    induction stripe cells i = j + T - 1 and i = j + T are outlined in white."""
     kinds = sorted({k for k, _ in maps}, key=lambda k: (k != "repeat", k))
     layers = sorted({layer for _, layer in maps})
-    vals = np.concatenate([m["chi"].to_numpy() for m in maps.values() if len(m)])
+    js = sorted({j for m in maps.values() for j in m["j"].to_list()})
+    col = {j: k for k, j in enumerate(js)}
+    vals = np.concatenate([m["chi"].to_numpy() for m in maps.values() if len(m)] or [[]])
     pos = vals[vals > 0]
     norm = LogNorm(vmin=max(pos.min(), pos.max() * 1e-4), vmax=pos.max()) if len(pos) else None
     n = 2 * T + 1
-    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(3.2 * len(layers), 3.1 * len(kinds)),
+    width = 1.2 + 0.16 * len(js)
+    fig, axes = plt.subplots(len(kinds), len(layers),
+                             figsize=(max(2.6, width) * len(layers) + 1.2, 3.4 * len(kinds)),
                              squeeze=False, constrained_layout=True)
     im = None
     for r, kind in enumerate(kinds):
         for c, layer in enumerate(layers):
             ax = axes[r][c]
-            grid = np.full((n, n), np.nan)
+            grid = np.full((n, len(js)), np.nan)
             m = maps.get((kind, layer))
             if m is not None and len(m):
-                grid[m["i"].to_numpy(), m["j"].to_numpy()] = m["chi"].to_numpy()
+                grid[m["i"].to_numpy(), [col[j] for j in m["j"].to_list()]] = m["chi"].to_numpy()
             grid[grid <= 0] = np.nan
-            im = ax.imshow(grid, origin="lower", norm=norm, cmap="magma", aspect="equal")
-            js = np.arange(1, T + 1)
-            ax.plot(js, js + T - 1, color="white", lw=0.6, ls=":")
-            ax.plot(js, js + T, color="white", lw=0.6, ls=":")
+            im = ax.imshow(grid, origin="lower", norm=norm, cmap="magma", aspect="auto",
+                           interpolation="nearest")
+            for k, j in enumerate(js):
+                for i in (j + T - 1, j + T):
+                    if 1 <= j <= T and i < n:
+                        ax.add_patch(plt.Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False,
+                                                   ec="white", lw=0.9))
             ax.set_title(f"{kind}, l = {layer}", fontsize=9)
+            ax.set_xticks(range(len(js)), [str(j) for j in js], fontsize=7)
             ax.set_xlabel("perturbed position j", fontsize=8)
             ax.set_ylabel("response position i", fontsize=8)
-            ax.set_xlim(-0.5, n - 0.5)
-            ax.set_ylim(-0.5, n - 0.5)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.8, label=r"$\chi_l(i; j)$ (log scale)")
-    fig.suptitle(title + f"   (dotted: stripes i = j+T-1, j+T; T = {T})")
+    fig.suptitle(title + f"\nwhite boxes: induction stripes i = j+T-1 and i = j+T (T = {T})",
+                 fontsize=10)
     return _save(fig, path)
 
 

@@ -73,13 +73,22 @@ def test_float32_plateau_spans_two_decades_and_matches_linear(uni):
 
 def test_induction_score_rises_in_later_layers(sweep):
     lm, data, _ = sweep
-    sc = induction_scores(data).filter(pl.col("eps").is_null() & (pl.col("lp") == 0))
+    sc = induction_scores(data).filter(pl.col("eps").is_null())
     late = sc.filter(pl.col("depth") >= 0.7)
+    # Repeat prompts carry more of the perturbation to the stripes than control prompts, for
+    # every perturbed layer, once the layers are deep enough.
     assert (late["score"] > 1.0).all(), late
-    assert late["score"].mean() > 1.5
-    em = emergence(data).filter(pl.col("eps").is_null() & (pl.col("lp") == 0))
-    layer = em["emergence_layer"][0]
-    assert layer is not None and 0 < layer <= lm.n_layers
+    assert late["score"].mean() > 1.5, late
+
+
+def test_emergence_layer_is_found_inside_the_model(sweep):
+    lm, data, _ = sweep
+    em = emergence(data).filter(pl.col("eps").is_null())
+    found = em.filter(pl.col("emergence_layer").is_not_null())
+    assert len(found) >= 1, em
+    assert (found["emergence_layer"] > found["lp"]).all()
+    assert (found["emergence_layer"] <= lm.n_layers).all()
+    assert found["emergence_depth"].is_between(0, 1).all()
 
 
 def test_query_joins_responses_with_units(sweep):
