@@ -27,11 +27,13 @@ def chi_curves(data: SweepData) -> pl.DataFrame:
 
 # The only full pass over the rows: the chi(i, j) map per (model, dtype, T, kind, lp, l, eps),
 # summed over prompts and directions.  Grouping by (j, i) rather than by offset class is
-# cheaper (no per-row CASE) and keeps what the collapse score needs.
+# cheaper (no per-row CASE) and keeps what the collapse score needs; eps is a key, so the
+# division r / eps happens once per group, not once per row.
 _MAP_SQL = """CREATE OR REPLACE TEMP TABLE _u_map AS
-    SELECT model, dtype, T, prompt_kind, lp, l, n_layers, j, i, eps,
-           sum(chi) AS chi_sum, count(*) AS n
-    FROM responses GROUP BY ALL"""
+    SELECT *, r_sum / coalesce(eps, 1.0) AS chi_sum FROM (
+        SELECT model, dtype, T, prompt_kind, lp, l, n_layers, j, i, eps,
+               sum(r::DOUBLE) AS r_sum, count(*) AS n
+        FROM responses GROUP BY ALL)"""
 
 _PER_EPS_SQL = f"""SELECT {_G}, any_value(n_layers) AS n_layers, eps,
            sum(chi_sum) / sum(n) AS chi, sum(n) AS n_rows

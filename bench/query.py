@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs (default 3)")
     ap.add_argument("--dir", default=None, help="parent folder for the data (default: /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the data afterwards")
+    ap.add_argument("--reuse", default=None, help="time the shards in this folder (kept by "
+                    "--keep) instead of writing new ones")
     args = ap.parse_args(argv)
 
     n_prompts = max(1, round(args.rows / rows_per_pair()))
@@ -46,33 +48,36 @@ def main(argv: list[str] | None = None) -> int:
         1, next(k for k in range(T, 0, -1) if rows_per_pair(k) <= args.rows or k == 1))
     spec = SyntheticSpec(sweep="bench", models=(("synth-30", L),), T=T, n_prompts=n_prompts,
                          lps=LPS, eps=EPS, directions=DIRS, positions=tuple(range(1, n_pos + 1)))
-    tmp = Path(tempfile.mkdtemp(prefix="unisweep-bench-", dir=args.dir))
+    tmp = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="unisweep-bench-",
+                                                                      dir=args.dir))
     try:
         t0 = time.perf_counter()
-        paths = write_synthetic_sweep(spec, tmp, threads=os.cpu_count())
+        if args.reuse:
+            paths = sorted(tmp.glob("*.parquet"))
+        else:
+            paths = write_synthetic_sweep(spec, tmp, threads=os.cpu_count())
         write_s = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in paths)
         data = from_shards(paths, threads=args.threads)
         rows = data.sql("SELECT count(*) FROM responses").fetchall()[0][0]
         print(f"wrote {rows:,} rows in {len(paths)} shards, {size / 2**30:.2f} GiB, "
               f"{write_s:.0f} s", flush=True)
-        times, times_nc = [], []
+        runs = []  # (wall s, CPU s of all DuckDB threads, load average before)
         for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            out = universality(data, collapse=False)
-            times_nc.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
+            load = os.getloadavg()[0]
+            t0, c0 = time.perf_counter(), time.process_time()
             out = universality(data)
-            times.append(time.perf_counter() - t0)
-        print(f"{len(out)} groups")
-        print("| rows | shards | GiB | threads | universality, plateau only (s) | "
-              "universality with collapse (s) |")
-        print("|---|---|---|---|---|---|")
+            runs.append((time.perf_counter() - t0, time.process_time() - c0, load))
+        best = min(runs)
+        print(f"{len(out)} groups; runs (wall s, cpu s, load): "
+              + ", ".join(f"({w:.2f}, {c:.2f}, {ld:.1f})" for w, c, ld in runs))
+        print("| rows | shards | GiB | DuckDB threads | universality wall (s), best | "
+              "CPU (s) of that run | load average before |")
+        print("|---|---|---|---|---|---|---|")
         print(f"| {rows:,} | {len(paths)} | {size / 2**30:.2f} | {args.threads} | "
-              f"{min(times_nc):.2f} (median {sorted(times_nc)[len(times_nc) // 2]:.2f}) | "
-              f"{min(times):.2f} (median {sorted(times)[len(times) // 2]:.2f}) |")
+              f"{best[0]:.2f} | {best[1]:.2f} | {best[2]:.1f} |")
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
 

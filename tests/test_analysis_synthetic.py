@@ -215,6 +215,6 @@ def test_bench_script_small(tmp_path, capsys):
 
     assert main(["--rows", "2e5", "--repeat", "1", "--dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"\| [\d,]+ \| \d+ \| [\d.]+ \| 2 \|", out)
+    assert re.search(r"\| [\d,]+ \| \d+ \| [\d.]+ \| 2 \| [\d.]+ \|", out)
     assert not list(tmp_path.iterdir())  # the data is deleted afterwards
     assert math.isfinite(1.0)
