@@ -1,0 +1,382 @@
+"""The batched perturbation engine: read top to bottom, it is the whole algorithm.
+
+For each prompt group and perturbation (lp, j): one clean forward gives the prefix KV cache
+and the clean residual at block lp; then each batch of cells runs only blocks lp..L-1 on
+positions j..n-1, with a zero-perturbation baseline row on the same kernel path. Hooks
+reduce every captured activation to norms at once, so memory holds one layer at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from transformers import DynamicCache
+
+from tasks.models import LoadedModel
+from tasks.prompts import Prompt
+from tasks.validation import check_grid
+
+# Rows per forward pass on the CPU; callers (the GPU path) pass a larger max_rows.
+DEFAULT_MAX_ROWS = 48
+# Bytes of float logits materialised at once for the KL (vocab x positions x rows).
+LOGIT_BUDGET = 64 << 20
+
+
+@dataclass
+class Responses:
+    """Responses of one (prompt group, lp, j) for C cells (or D directions when linear).
+
+    Levels l run from l0 to L (x_L = last block output before the final norm); positions
+    from i0 to n-1. r: [G, C, L+1-l0, n-i0]; r_attn, r_mlp: [G, C, L-l0, n-i0]; kl: [G, C, n-i0].
+    For linear responses (eps -> 0) the arrays hold the limits R/eps and KL/eps^2.
+    """
+
+    lp: int
+    j: int
+    l0: int
+    i0: int
+    r: torch.Tensor
+    r_attn: torch.Tensor
+    r_mlp: torch.Tensor
+    kl: torch.Tensor
+
+
+def result_dtype(lm: LoadedModel) -> torch.dtype:
+    """Float32 results whatever the model dtype; float64 models keep float64 for exactness tests."""
+    return torch.float64 if lm.dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# Clean pass: prefix KV cache and residuals, once per prompt group.
+
+
+@dataclass
+class CleanState:
+    input_ids: torch.Tensor  # [G, n]
+    keys: list[torch.Tensor]  # per block [G, H, n, hd]
+    values: list[torch.Tensor]
+    resid: dict[int, torch.Tensor]  # block-input residual x_l for the requested l: [G, n, d]
+
+
+@torch.no_grad()
+def clean_pass(lm: LoadedModel, input_ids: torch.Tensor, levels: Sequence[int]) -> CleanState:
+    model, ad = lm.model, lm.adapter
+    blocks = ad.block_list(model)
+    resid: dict[int, torch.Tensor] = {}
+    handles = []
+    for lvl in set(levels):
+        def grab(_mod, args, kwargs, lvl=lvl):
+            resid[lvl] = _hidden_arg(args, kwargs).detach()
+        handles.append(blocks[lvl].register_forward_pre_hook(grab, with_kwargs=True))
+    cache = DynamicCache()
+    try:
+        ad.base(model)(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return CleanState(input_ids, keys, values, resid)
+
+
+def _hidden_arg(args, kwargs) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _replace_hidden(args, kwargs, new: torch.Tensor):
+    if args:
+        return (new, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": new}
+
+
+def _first(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---------------------------------------------------------------------------------------------
+# One suffix pass: hooks that inject the perturbation and reduce activations to norms.
+
+
+@dataclass
+class _PassPlan:
+    lp: int
+    start: int  # first position computed (j with prefix reuse, 0 without)
+    first_block: int  # first block run (lp with prefix reuse, 0 without)
+    groups: int  # G prompts in the batch
+    rows_per_group: int  # 1 baseline + C cells (finite); D directions (linear)
+    linear: bool
+
+
+class _Recorder:
+    """Turns captured activations into response norms as the forward pass goes."""
+
+    def __init__(self, plan: _PassPlan, rdtype: torch.dtype):
+        self.plan, self.rdtype = plan, rdtype
+        self.resid: dict[int, torch.Tensor] = {}
+        self.attn: dict[int, torch.Tensor] = {}
+        self.mlp: dict[int, torch.Tensor] = {}
+        self.den: dict[int, torch.Tensor] = {}  # ||x_l(i)|| of the clean stream, per level
+        self.kl: torch.Tensor | None = None
+
+    def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(clean, delta) of a captured activation, both [G, rows, s, d] in the result dtype."""
+        p = self.plan
+        if p.linear:
+            primal, tangent = fwAD.unpack_dual(h)
+            primal = primal.to(self.rdtype).unflatten(0, (p.groups, p.rows_per_group))
+            tangent = tangent.to(self.rdtype).unflatten(0, (p.groups, p.rows_per_group))
+            return primal[:, :1], tangent
+        x = h.to(self.rdtype).unflatten(0, (p.groups, p.rows_per_group))
+        base = x[:, :1]
+        # Same kernel path for baseline and cells: a zero perturbation gives exactly zero.
+        return base, x[:, 1:] - base
+
+    def level(self, lvl: int, h: torch.Tensor) -> None:
+        clean, delta = self._split(h)
+        den = clean.norm(dim=-1)  # [G, 1, s]
+        self.den[lvl] = den
+        self.resid[lvl] = delta.norm(dim=-1) / den
+
+    def section(self, store: dict, lvl: int, out: torch.Tensor) -> None:
+        _, delta = self._split(out)
+        store[lvl] = delta.norm(dim=-1) / self.den[lvl]
+
+
+@contextmanager
+def _hooks(lm: LoadedModel, plan: _PassPlan, rec: _Recorder, inject):
+    """Install the pass's hooks: skip blocks below first_block, inject at lp, record the rest."""
+    model, ad = lm.model, lm.adapter
+    blocks = ad.block_list(model)
+    handles, skipped = [], []
+    for b in range(plan.first_block):
+        # Blocks below lp change nothing we keep: their output is replaced at lp's input.
+        blocks[b].forward = _identity_block
+        skipped.append(blocks[b])
+    for b in range(plan.first_block, len(blocks)):
+        def pre(_m, args, kwargs, b=b):
+            if b == plan.lp:
+                args, kwargs = _replace_hidden(args, kwargs, inject(_hidden_arg(args, kwargs)))
+            rec.level(b, _hidden_arg(args, kwargs))
+            return args, kwargs
+        handles.append(blocks[b].register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(ad.attn_module(blocks[b]).register_forward_hook(
+            lambda _m, _a, out, b=b: rec.section(rec.attn, b, _first(out))))
+        handles.append(ad.mlp_module(blocks[b]).register_forward_hook(
+            lambda _m, _a, out, b=b: rec.section(rec.mlp, b, _first(out))))
+    n_layers = len(blocks)
+    handles.append(ad.final_norm_module(model).register_forward_pre_hook(
+        lambda _m, args: rec.level(n_layers, args[0])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for blk in skipped:
+            del blk.forward
+
+
+def _identity_block(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def _kl_rows(lm: LoadedModel, normed: torch.Tensor, plan: _PassPlan,
+             rdtype: torch.dtype) -> torch.Tensor:
+    """KL(p~ || p) per cell and position, [G, C, s]; for linear passes the limit KL/eps^2."""
+    model, ad = lm.model, lm.adapter
+    G, R = plan.groups, plan.rows_per_group
+    out = []
+    for g in range(G):
+        rows = normed[g * R:(g + 1) * R]
+        s, vocab = rows.shape[1], model.config.vocab_size
+        chunk = max(1, LOGIT_BUDGET // max(1, s * vocab * 4 * (3 if plan.linear else 2)))
+        if plan.linear:
+            # KL(softmax(z + e dz) || softmax(z)) = e^2/2 Var_p(dz) + O(e^3).
+            parts = []
+            for c0 in range(0, R, chunk):
+                primal, tangent = fwAD.unpack_dual(ad.logits(model, rows[c0:c0 + chunk]))
+                logp = torch.log_softmax(primal.to(rdtype), dim=-1)
+                p = logp.exp()
+                dz = tangent.to(rdtype)
+                mean = (p * dz).sum(-1)
+                parts.append(0.5 * ((p * dz * dz).sum(-1) - mean * mean))
+            out.append(torch.cat(parts))
+        else:
+            z0 = ad.logits(model, rows[:1]).to(rdtype)
+            p = torch.softmax(z0, dim=-1)
+            parts = []
+            for c0 in range(1, R, chunk):
+                dz = ad.logits(model, rows[c0:c0 + chunk]).to(rdtype) - z0
+                parts.append(_kl_from_logit_change(p, dz))
+            out.append(torch.cat(parts))
+    return torch.stack(out)
+
+
+def _kl_from_logit_change(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """KL(q || p) for q = softmax(z + dz), without cancelling two nearly equal log-softmaxes.
+
+    With d = log(q/p) = dz - log(sum p e^dz), KL = sum p (e^d d - expm1(d)); every term is
+    O(d^2) and >= 0, so small perturbations keep their digits.
+    """
+    shift = torch.log1p((p * torch.expm1(dz)).sum(-1, keepdim=True))
+    d = dz - shift
+    return (p * (torch.exp(d) * d - torch.expm1(d))).sum(-1)
+
+
+def _suffix_pass(lm: LoadedModel, clean: CleanState, prompt_rows: torch.Tensor, plan: _PassPlan,
+                 inject, rdtype: torch.dtype, kl: bool) -> _Recorder:
+    """Run blocks first_block..L-1 on positions start..n-1 for B = G x rows batch rows."""
+    model, ad = lm.model, lm.adapter
+    start = plan.start
+    ids = clean.input_ids[prompt_rows, start:]
+    past = None
+    if start > 0:
+        past = DynamicCache(ddp_cache_data=[
+            (k[prompt_rows, :, :start], v[prompt_rows, :, :start])
+            for k, v in zip(clean.keys, clean.values)])
+    positions = torch.arange(start, clean.input_ids.shape[1], device=ids.device).unsqueeze(0)
+    rec = _Recorder(plan, rdtype)
+    with _hooks(lm, plan, rec, inject):
+        out = ad.base(model)(input_ids=ids, past_key_values=past, position_ids=positions,
+                             use_cache=past is not None)
+    if kl:
+        rec.kl = _kl_rows(lm, out.last_hidden_state, plan, rdtype)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+# Matmul kernels round a row differently at the ragged end of a batch (measured on CPU:
+# float32 rows differ when a sequence has < 3 positions, float64 rows unless it has a
+# multiple of 4). Starting the suffix a few clean positions early makes every row of a
+# pass round identically, so the baseline row cancels exactly.
+_ROW_ALIGN = {torch.float64: 4}
+_MIN_SUFFIX = 4
+
+
+def suffix_start(j: int, n: int, dtype: torch.dtype) -> int:
+    """First position a pass computes for perturbed position j (<= j; clean before j)."""
+    start = min(j, max(0, n - _MIN_SUFFIX))
+    align = _ROW_ALIGN.get(dtype, 1)
+    while start > 0 and (n - start) % align:
+        start -= 1
+    return start
+
+
+def _perturbation(clean_lp: torch.Tensor, j: int, eps: torch.Tensor, dirs: torch.Tensor,
+                  rdtype: torch.dtype) -> torch.Tensor:
+    """eps * ||x_lp(j)|| * u for every (prompt, eps, direction): [G, E*D, d], eps-major."""
+    x = clean_lp[:, j].to(rdtype)  # [G, d]
+    norm = x.norm(dim=-1)  # [G]
+    cells = eps.to(rdtype)[:, None, None] * dirs.to(rdtype)[None, :, :]  # [E, D, d]
+    return norm[:, None, None] * cells.reshape(-1, cells.shape[-1])[None]
+
+
+@torch.no_grad()
+def perturb_group(lm: LoadedModel, clean: CleanState, lp: int, j: int,
+                  eps: torch.Tensor, dirs: torch.Tensor, reuse_prefix: bool = True,
+                  kl: bool = True) -> Responses:
+    """Finite-eps responses of every (eps, direction) cell for all prompts of `clean`.
+
+    With reuse_prefix=False every pass starts at block 0 and position 0 (the ablation the
+    benchmark compares against, and the layout the causality test reads).
+    """
+    rdtype = result_dtype(lm)
+    G = clean.input_ids.shape[0]
+    delta = _perturbation(clean.resid[lp], j, eps, dirs, rdtype)  # [G, C, d]
+    C = delta.shape[1]
+    start = suffix_start(j, clean.input_ids.shape[1], lm.dtype) if reuse_prefix else 0
+    plan = _PassPlan(lp, start, lp if reuse_prefix else 0, G, 1 + C, linear=False)
+    x_lp = clean.resid[lp][:, start:]  # [G, s, d]
+
+    def inject(incoming: torch.Tensor) -> torch.Tensor:
+        # Rows: per prompt one baseline (no perturbation) then the C cells.
+        base = x_lp if reuse_prefix else incoming.unflatten(0, (G, 1 + C))[:, 0]
+        h = base[:, None].expand(G, 1 + C, *base.shape[1:]).clone()
+        h[:, 1:, j - start] = (h[:, 1:, j - start].to(rdtype) + delta).to(h.dtype)
+        return h.flatten(0, 1)
+
+    rows = torch.arange(G, device=clean.input_ids.device).repeat_interleave(1 + C)
+    rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl)
+    return _collect(lm, rec, plan, j, G, C, kl)
+
+
+def linear_group(lm: LoadedModel, clean: CleanState, lp: int, j: int, dirs: torch.Tensor,
+                 reuse_prefix: bool = True, kl: bool = True) -> Responses:
+    """The exact eps -> 0 response J(||x_lp(j)|| u) by forward-mode autodiff, one pass."""
+    rdtype = result_dtype(lm)
+    G, D = clean.input_ids.shape[0], dirs.shape[0]
+    tangent_j = _perturbation(clean.resid[lp], j, torch.ones(1, dtype=rdtype), dirs, rdtype)
+    start = suffix_start(j, clean.input_ids.shape[1], lm.dtype) if reuse_prefix else 0
+    plan = _PassPlan(lp, start, lp if reuse_prefix else 0, G, D, linear=True)
+    x_lp = clean.resid[lp][:, start:]
+
+    def inject(incoming: torch.Tensor) -> torch.Tensor:
+        base = x_lp if reuse_prefix else incoming.unflatten(0, (G, D))[:, 0]
+        primal = base[:, None].expand(G, D, *base.shape[1:]).contiguous()
+        tangent = torch.zeros_like(primal)
+        tangent[:, :, j - start] = tangent_j.to(primal.dtype)
+        return fwAD.make_dual(primal.flatten(0, 1), tangent.flatten(0, 1))
+
+    rows = torch.arange(G, device=clean.input_ids.device).repeat_interleave(D)
+    with torch.no_grad(), _forward_ad_attention(lm), fwAD.dual_level():
+        rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl)
+    return _collect(lm, rec, plan, j, G, D, kl)
+
+
+@contextmanager
+def _forward_ad_attention(lm: LoadedModel):
+    """Forward-mode AD has no rule for the fused SDPA kernels: use SDPA's math backend,
+    which is built from differentiable primitives and keeps the model's dtype."""
+    if lm.model.config._attn_implementation != "sdpa":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        yield
+
+
+def _collect(lm, rec: _Recorder, plan: _PassPlan, j: int, G: int, C: int, kl: bool) -> Responses:
+    L = lm.n_layers
+    levels = range(plan.first_block, L + 1)
+    r = torch.stack([rec.resid[lvl] for lvl in levels], dim=2)  # [G, C, levels, s]
+    r_attn = torch.stack([rec.attn[lvl] for lvl in levels[:-1]], dim=2)
+    r_mlp = torch.stack([rec.mlp[lvl] for lvl in levels[:-1]], dim=2)
+    kls = rec.kl if kl else torch.full((G, C, r.shape[-1]), float("nan"), dtype=r.dtype)
+    return Responses(plan.lp, j, plan.first_block, plan.start, r, r_attn, r_mlp, kls)
+
+
+def compute_responses(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[int],
+                      positions: Sequence[int], eps: Sequence[float], directions: torch.Tensor,
+                      linear: bool = False, record_layers: Sequence[int] | None = None,
+                      record_positions: Sequence[int] | None = None,
+                      max_rows: int = DEFAULT_MAX_ROWS, kl: bool = True):
+    """Every cell of the grid for these prompts, as a long pyarrow table (tasks.layout).
+
+    Validates all arguments before any compute. Prompts of equal length share passes.
+    """
+    from tasks.tabulate import concat_tables, responses_to_table
+
+    grid = check_grid(lm, prompts, lps, positions, eps, directions, record_layers,
+                      record_positions, max_rows)
+    tables = []
+    for group in grid.prompt_groups():
+        ids = torch.stack([p.input_ids for p in group]).to(lm.device)
+        clean = clean_pass(lm, ids, grid.lps)
+        for lp in grid.lps:
+            for j in grid.positions:
+                for e_chunk, d_chunk in grid.cell_chunks(len(group)):
+                    res = perturb_group(lm, clean, lp, j, grid.eps[e_chunk],
+                                        grid.directions[d_chunk], kl=kl)
+                    tables.append(responses_to_table(res, group, grid, e_chunk, d_chunk))
+                if linear:
+                    for d_chunk in grid.direction_chunks(len(group)):
+                        res = linear_group(lm, clean, lp, j, grid.directions[d_chunk], kl=kl)
+                        tables.append(responses_to_table(res, group, grid, None, d_chunk))
+    return concat_tables(tables)
