@@ -25,12 +25,24 @@ _DTYPE_STYLE = {"float32": "-", "float64": ":", "bfloat16": "--", "float16": "-.
 
 
 def _plain_log_y(ax: plt.Axes) -> None:
-    """Log y axis with plain numbers (0.2, 1, 5) instead of 2x10^-1 on a short range."""
+    """Log y axis with plain numbers (0.2, 1, 5) instead of 2x10^-1; a range of less than
+    a factor 5 stays linear, where a log axis would show almost no labelled ticks."""
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 5:
+        return
     ax.set_yscale("log")
     lo, hi = ax.get_ylim()
-    fmt = FuncFormatter(lambda v, _: f"{v:g}")
-    ax.yaxis.set_major_formatter(fmt)
-    ax.yaxis.set_minor_formatter(fmt if hi / lo < 30 else NullFormatter())
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    if hi / lo > 1e3:
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        return
+
+    def minor(v: float, _: object) -> str:
+        # Label only the 2s and 5s between decades, so a short range still reads.
+        lead = round(v / 10 ** np.floor(np.log10(v)))
+        return f"{v:g}" if lead in (2, 5) else ""
+
+    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -89,8 +101,8 @@ def normalized_collapse(curves: pl.DataFrame, path: Path, title: str, tol: float
          .with_columns(norm=pl.col("chi") / pl.coalesce("lin", "med"))
          .filter(pl.col("eps").is_not_null() & pl.col("norm").is_finite() & (pl.col("norm") > 0)))
     dtypes = sorted(set(c["dtype"]))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(5 * len(dtypes), 3.8), squeeze=False,
-                             sharey=True, constrained_layout=True)
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(max(7, 5 * len(dtypes)), 4.2),
+                             squeeze=False, sharey=True, constrained_layout=True)
     for ax, dtype in zip(axes[0], dtypes, strict=True):
         sub = c.filter(pl.col("dtype") == dtype)
         for part in sub.sort("eps").partition_by("gkey"):
@@ -168,7 +180,8 @@ def induction_vs_depth(scores: pl.DataFrame, path: Path, threshold: float, title
             continue
         ls = _DTYPE_STYLE.get(dtype, "-")
         em = part["emergence_layer"][0]
-        label = f"{model} {dtype} (L = {part['n_layers'][0]}, emergence l = {em})"
+        em_txt = "none" if em is None else str(em)
+        label = f"{model} {dtype} (L = {part['n_layers'][0]}, emergence l = {em_txt})"
         ax.plot(part["depth"], part["score"], ls, marker="o", ms=3, color=colors[model],
                 label=label)
         if em is not None:
@@ -207,7 +220,7 @@ def section_bars(sec: pl.DataFrame, path: Path, title: str) -> Path:
             b = p[col][0]
             if b is not None:
                 ax.axvline(b, color=color, ls=":", lw=1.2, label=f"{name}: {b}")
-        ax.set_yscale("log")
+        _plain_log_y(ax)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("block l (its output enters the residual stream at level l + 1)")
         ax.set_ylabel(r"section $\chi$ (‖Δ out‖ / ‖x_l‖ / ε)", fontsize=8)
