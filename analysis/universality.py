@@ -49,7 +49,9 @@ def universality(data: SweepData, tol: float = 0.05, *, collapse: bool = True) -
     """One row per group: the universal regime of chi.
 
     The plateau is the longest run of consecutive swept eps (ties: the flattest) where the
-    mean chi stays within `tol` of the run's median, which is the plateau value `chi_plateau`.
+    mean chi stays within `tol` of the run's median (`chi_plateau_median`). The plateau value
+    `chi_plateau` is the median of its flattest 3 consecutive eps (its edges are, by
+    construction, its least flat points), or the run's median below 3 points.
     `eps_lo` is its lower edge (precision floor), `eps_hi` its upper edge (nonlinear onset);
     `floor_seen` / `onset_seen` say whether the sweep reached past that edge. `linear_rel_err`
     is (chi_plateau - chi_linear) / chi_linear. `collapse` is the share of the points (i, j)
@@ -68,9 +70,16 @@ def universality(data: SweepData, tol: float = 0.05, *, collapse: bool = True) -
                count(eps) AS n_eps, min(eps) AS eps_min, max(eps) AS eps_max,
                max(CASE WHEN eps IS NULL THEN chi END) AS chi_linear
         FROM _u_eps GROUP BY {_G}
-    ), fin AS (
+    ), fin0 AS (
         SELECT g.gid, e.eps, e.chi, row_number() OVER (PARTITION BY g.gid ORDER BY e.eps) AS k
         FROM _u_eps e JOIN groups g USING ({_G}) WHERE e.eps IS NOT NULL
+    ), fin AS (
+        -- Each point with the spread and median of the 3-point run starting at it.
+        SELECT *, (max(chi) OVER w3 - min(chi) OVER w3) / NULLIF(abs(median(chi) OVER w3), 0)
+                      AS spread3,
+               median(chi) OVER w3 AS med3, count(chi) OVER w3 AS n3
+        FROM fin0
+        WINDOW w3 AS (PARTITION BY gid ORDER BY k ROWS BETWEEN CURRENT ROW AND 2 FOLLOWING)
     ), windows AS (
         SELECT a.gid, a.k AS k0, b.k AS k1 FROM fin a JOIN fin b ON a.gid = b.gid AND b.k >= a.k
     ), pts AS (
@@ -88,15 +97,27 @@ def universality(data: SweepData, tol: float = 0.05, *, collapse: bool = True) -
         SELECT * FROM ok
         QUALIFY row_number() OVER (PARTITION BY gid
                                    ORDER BY k1 - k0 DESC, spread / NULLIF(abs(med), 0), k0) = 1
+    ), core AS (
+        -- The plateau value: the median of the flattest 3 consecutive eps inside the
+        -- plateau (its edges are by construction its least flat points); the plateau's
+        -- median when it has fewer than 3 points.
+        SELECT b.gid, coalesce(c.med3, b.med) AS chi_core FROM best b
+        LEFT JOIN (SELECT f.gid, f.med3 FROM fin f JOIN best b2 ON f.gid = b2.gid
+                   AND f.k BETWEEN b2.k0 AND b2.k1 - 2 AND f.n3 = 3
+                   QUALIFY row_number() OVER (PARTITION BY f.gid
+                                              ORDER BY f.spread3 NULLS LAST, f.k) = 1) c
+        USING (gid)
     )
     SELECT g.gid, {', '.join('g.' + c for c in GROUP)}, g.n_layers,
-           b.med AS chi_plateau, lo.eps AS eps_lo, hi.eps AS eps_hi,
+           c.chi_core AS chi_plateau, b.med AS chi_plateau_median,
+           lo.eps AS eps_lo, hi.eps AS eps_hi,
            log10(hi.eps / lo.eps) AS decades, b.k1 - b.k0 + 1 AS n_plateau,
            g.n_eps, lo.eps > g.eps_min AS floor_seen, hi.eps < g.eps_max AS onset_seen,
            g.chi_linear,
-           (b.med - g.chi_linear) / NULLIF(g.chi_linear, 0) AS linear_rel_err
+           (c.chi_core - g.chi_linear) / NULLIF(g.chi_linear, 0) AS linear_rel_err
     FROM groups g
     LEFT JOIN best b USING (gid)
+    LEFT JOIN core c USING (gid)
     LEFT JOIN fin lo ON lo.gid = b.gid AND lo.k = b.k0
     LEFT JOIN fin hi ON hi.gid = b.gid AND hi.k = b.k1
     """

@@ -67,8 +67,11 @@ def test_float32_plateau_spans_two_decades_and_matches_linear(uni):
     wide = strong.filter(pl.col("decades") >= 2.0)
     assert len(wide) >= 0.9 * len(strong), strong.sort("decades").head(10)
     assert strong["decades"].median() >= 3.0
-    worst = wide["linear_rel_err"].abs().max()
-    assert worst < 0.01, wide.sort(pl.col("linear_rel_err").abs(), descending=True).head(5)
+    worst = strong["linear_rel_err"].abs().max()
+    assert worst < 0.01, strong.sort(pl.col("linear_rel_err").abs(), descending=True).head(5)
+    # Every class, weak background responses included (measured: all 606 within 0.9%).
+    some = uni.filter(pl.col("chi_plateau") > 0)
+    assert (some["linear_rel_err"].abs() < 0.01).mean() >= 0.95
 
 
 def test_induction_score_rises_in_later_layers(sweep):

@@ -126,7 +126,7 @@ def test_plateau_edges_and_linear_agreement_float32(uni):
         assert r["eps_hi"] == pytest.approx(10 ** -1.5)
         assert r["decades"] == pytest.approx(2.5)
         assert r["floor_seen"] and r["onset_seen"]
-        assert abs(r["linear_rel_err"]) < 1e-3
+        assert abs(r["linear_rel_err"]) < 5e-3  # the synthetic curve bends by ~1% per point
         assert r["collapse"] == 1.0
 
 
