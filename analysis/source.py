@@ -24,7 +24,7 @@ class SweepData:
     sweep: str | None
     shard_paths: list[Path] = field(default_factory=list)
 
-    def sql(self, query: str):
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Run SQL on the views (internal use: no read-only check); returns a DuckDB relation."""
         return self.con.sql(query)
 

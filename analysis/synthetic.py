@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
@@ -40,7 +40,6 @@ class SyntheticSpec:
     mlp_delay: int = 2  # MLP outputs carry the stripe this many blocks after attention
     stripe_gain: float = 10.0  # induction score above the emergence layer
     noise: float = 0.002  # relative noise per (cell, eps)
-    extra: dict = field(default_factory=dict)
 
     def emergence_layer(self, n_layers: int) -> int:
         return round(self.emerge_frac * n_layers)
