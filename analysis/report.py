@@ -81,7 +81,7 @@ def build_report(data: SweepData, out_dir: str | Path, *, tol: float = 0.05,
             (pl.col("model") == model) & (pl.col("dtype") == dtype) & pick), chosen, out / name,
             f"{model} {dtype}: chi vs eps, repeat prompts, lp = {lp}")
         figures.append((name, f"chi against eps for {model} {dtype} (lp = {lp}, repeat "
-                              f"prompts) per offset class at layers {chosen}: shaded = plateau "
+                              f"prompts) per offset class at layers {chosen}: thick pale segment = plateau "
                               f"within {tol:.0%}, dashed = exact linear response."))
         T = int(cur["T"][0])
         maps = {(kind, layer): chi_map(data, layer, model=model, dtype=dtype, lp=lp,
