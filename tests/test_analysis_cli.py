@@ -10,12 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import db.shards as shards_mod
+import db.store as store_mod
+import tests.fixtures_db as fixtures_db
 from analysis.synthetic import SyntheticSpec, write_synthetic_sweep
 from orchestrator.cli import main
-
-store_mod = pytest.importorskip("db.store", reason="the database layer is not on this branch yet")
-shards_mod = pytest.importorskip("db.shards")
-fixtures_db = pytest.importorskip("tests.fixtures_db")
 
 SPEC = SyntheticSpec(sweep="syn", models=(("synth-a", 8),), T=6, n_prompts=2, lps=(0,),
                      eps=(1e-4, 1e-3, 1e-2, 1e-1), directions=1)
