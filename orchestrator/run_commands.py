@@ -1,9 +1,97 @@
-"""CLI commands of this package (placeholder until the package's issue lands)."""
+"""`unisweep run SPEC` (plan + execute) and `unisweep resume SWEEP`: the orchestrator's commands.
+
+Both print a Rich progress bar fed from the database and exit 0 when every unit is done,
+1 when some units failed, 130 on Ctrl-C (leases released).
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+from rich.console import Console
+
+console = Console()
+
+_ADDRESS_HELP = "Ray cluster: 'auto' (the cluster this node belongs to) or ray://HOST:10001; local Ray if omitted"
+_DB_HELP = "Database URL (sqlite:///PATH or postgresql://...); default: spec's database, env UNISWEEP_DB, <output>/unisweep.db"
+
+
+def _finish(summary: object) -> None:
+    from orchestrator.driver import RunSummary
+
+    assert isinstance(summary, RunSummary)
+    c = summary.counts
+    console.print(
+        f"sweep [bold]{summary.sweep}[/]: {c['done']} done, {c['failed']} failed, "
+        f"{c['pending'] + c['leased']} open units; {summary.cells_done}/{summary.cells_total} cells; "
+        f"this run {summary.cells_this_run} cells in {summary.seconds:.1f} s "
+        f"({summary.cells_per_s:.1f} cells/s)"
+        + (f"; {summary.actor_deaths} actor deaths" if summary.actor_deaths else ""),
+        highlight=False,
+    )
+    for f in summary.failed[:5]:
+        first = (f.error or "").strip().splitlines()[0] if f.error else ""
+        console.print(f"  failed {f.key[:12]} after {f.attempts} attempts: {first}", highlight=False)
+    if summary.interrupted:
+        console.print("interrupted: leases released; continue with `unisweep resume "
+                      f"{summary.sweep}`", highlight=False)
+        raise typer.Exit(130)
+    if c["failed"]:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
-    """Add this package's commands to the `unisweep` app."""
+    """Add `run` and `resume` to the `unisweep` app."""
+
+    @app.command("run")
+    def run_cmd(
+        spec: Path = typer.Argument(..., help="Sweep spec (YAML); see examples/"),
+        address: str | None = typer.Option(None, "--address", help=_ADDRESS_HELP),
+        db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+        actors: int | None = typer.Option(None, "--actors", min=1, help="Cap the number of actors"),
+        plan_only: bool = typer.Option(False, "--plan-only", help="Add the units to the database, run nothing"),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar"),
+        ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
+    ) -> None:
+        """Plan SPEC into the database (adding only new units) and run them on Ray actors."""
+        from orchestrator.driver import Driver, submit
+        from orchestrator.spec import load_spec
+
+        sweep_spec = load_spec(spec)
+        store, the_plan, added = submit(sweep_spec, db)
+        console.print(f"sweep [bold]{sweep_spec.name}[/]: {len(the_plan.units)} units planned, "
+                      f"{added} new, in {store.url}", highlight=False)
+        if plan_only:
+            return
+        summary = Driver(store, sweep_spec.name, sweep_spec, _store_url(store, db, sweep_spec),
+                         address=address, ship=ship, actors=actors, progress=progress).run()
+        _finish(summary)
+
+    @app.command("resume")
+    def resume_cmd(
+        sweep: str = typer.Argument(..., help="Sweep name"),
+        address: str | None = typer.Option(None, "--address", help=_ADDRESS_HELP),
+        db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+        out: Path | None = typer.Option(None, "--out", help="Output folder holding unisweep.db (SQLite default)"),
+        actors: int | None = typer.Option(None, "--actors", min=1, help="Cap the number of actors"),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar"),
+        ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
+    ) -> None:
+        """Run the open units of SWEEP (pending, or leased by a worker that stopped)."""
+        from db.store import connect
+
+        from orchestrator.driver import Driver, load_sweep_spec
+
+        store = connect(db, output_dir=out, create=False)
+        sweep_spec = load_sweep_spec(store, sweep)
+        summary = Driver(store, sweep, sweep_spec, _store_url(store, db, sweep_spec),
+                         address=address, ship=ship, actors=actors, progress=progress).run()
+        _finish(summary)
+
+
+def _store_url(store: object, db: str | None, spec: object) -> str:
+    """The URL actors connect with: the real one (store.url masks the password)."""
+    from db.urls import resolve_url
+
+    return resolve_url(db or getattr(spec, "database", None), getattr(spec, "output", None))

@@ -1,0 +1,143 @@
+"""End-to-end throughput: Ray + database + Parquet shards vs the engine alone, on the same grid.
+
+    python bench/e2e.py                      # SmolLM2-135M float32 (about 3 minutes on 2 cores)
+    python bench/e2e.py --model tiny:llama   # a quick smoke run
+
+Prints a Markdown table (cells/s; a cell is one (prompt, lp, j, eps or linear, direction)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).absolute().parents[1]))
+
+import torch  # noqa: E402
+
+
+def grid(args: argparse.Namespace, out: Path) -> dict:
+    return {
+        "name": "bench-e2e",
+        "models": [args.model],
+        "dtype": args.dtype,
+        "prompts": {"kinds": ["repeat", "control"], "T": args.T, "count": args.prompts, "seed": 0},
+        "layers": args.layers,
+        "positions": {"start": 4, "stop": args.T + 1, "step": max(1, args.T // args.positions)},
+        "eps": {"start": 1e-5, "stop": 1e-1, "per_decade": 2},
+        "directions": {"family": "random", "count": args.directions, "seed": 0},
+        "linear": True,
+        "cells_per_unit": args.cells_per_unit,
+        "resources": {"cpu_actors": 1},
+        "lease": {"ttl_s": 120, "heartbeat_s": 10, "max_attempts": 2},
+        "output": str(out),
+    }
+
+
+def engine_only(spec, n_threads: int) -> dict:
+    """The whole grid in one compute_responses call per prompt id (the engine's best case)."""
+    from tasks.directions import random_directions
+    from tasks.engine import compute_responses
+    from tasks.models import load_model
+    from tasks.prompts import make_prompts
+
+    torch.set_num_threads(n_threads)
+    name, dtype = spec.model_dtypes()[0]
+    t0 = time.perf_counter()
+    lm = load_model(name, dtype=dtype, device="cpu")
+    load_s = time.perf_counter() - t0
+    prompts = make_prompts(lm.token_space, T=spec.prompts.T, count=spec.prompts.count,
+                           seed=spec.prompts.seed, kinds=tuple(spec.prompts.kinds),
+                           max_positions=lm.max_positions)
+    dirs = random_directions(lm.d_model, spec.directions.count, spec.directions.seed)
+    lps = spec.layer_list(lm.n_layers)
+    t0 = time.perf_counter()
+    rows = 0
+    for pid in range(spec.prompts.count):
+        table = compute_responses(lm, [p for p in prompts if p.id == pid], lps=lps,
+                                  positions=spec.position_list(), eps=spec.eps_list(),
+                                  directions=dirs, linear=spec.linear)
+        rows += table.num_rows
+    secs = time.perf_counter() - t0
+    cells = (len(prompts) * len(lps) * len(spec.position_list())
+             * (len(spec.eps_list()) + int(spec.linear)) * spec.directions.count)
+    return {"cells": cells, "rows": rows, "seconds": secs, "load_s": load_s}
+
+
+def end_to_end(spec, db_url: str) -> dict:
+    from orchestrator.driver import Driver, init_ray, submit
+
+    t_wall = time.perf_counter()
+    store, plan, _ = submit(spec, db_url)
+    init_ray(None, num_cpus=2)
+    t_run = time.perf_counter()
+    summary = Driver(store, spec.name, spec, db_url, progress=False).run()
+    run_s = time.perf_counter() - t_run
+    wall_s = time.perf_counter() - t_wall
+    u = store.table_arrow("units", spec.name).to_pylist()
+    first = min(r["started_at"] for r in u)
+    last = max(r["finished_at"] for r in u)
+    # Steady state: from the first unit's lease to the last completion, minus the actor's
+    # one-off model load (inside the first unit's compute_s).
+    span = (last - first).total_seconds()
+    failed = [r["error"] for r in u if r["status"] != "done"]
+    if failed:
+        raise SystemExit(f"{len(failed)} unit(s) not done: {failed[0][:500]}")
+    rows = sum(r["result_rows"] for r in u)
+    return {"cells": summary.cells_done, "rows": rows, "units": len(u), "run_s": run_s,
+            "wall_s": wall_s, "span_s": span, "compute_s": sum(r["compute_s"] for r in u),
+            "failed": summary.counts["failed"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--T", type=int, default=16)
+    ap.add_argument("--prompts", type=int, default=1)
+    ap.add_argument("--layers", type=int, nargs="+", default=[0, 15])
+    ap.add_argument("--positions", type=int, default=2)
+    ap.add_argument("--directions", type=int, default=2)
+    ap.add_argument("--cells-per-unit", type=int, default=160)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, help="also write the numbers here")
+    args = ap.parse_args()
+
+    from orchestrator.planner import validate_models
+    from orchestrator.spec import spec_from_dict
+
+    tmp = Path(tempfile.mkdtemp(prefix="unisweep-bench-"))
+    spec = spec_from_dict(grid(args, tmp / "out"))
+    validate_models(spec)
+    eng = engine_only(spec, args.threads)
+    e2e = end_to_end(spec, f"sqlite:///{tmp / 'bench.db'}")
+    assert e2e["failed"] == 0 and e2e["cells"] == eng["cells"] and e2e["rows"] == eng["rows"], (eng, e2e)
+    eng_rate = eng["cells"] / eng["seconds"]
+    # Steady e2e: unit span minus the model load the actor did inside its first unit.
+    steady_s = max(e2e["span_s"] - eng["load_s"], 1e-9)
+    rows = [
+        ("engine alone (one call per prompt pair)", eng["cells"], eng["seconds"], eng_rate),
+        (f"end-to-end steady state ({e2e['units']} units: lease, compute, Parquet, complete)",
+         e2e["cells"], steady_s, e2e["cells"] / steady_s),
+        ("end-to-end wall (plan + Ray start + actor + model load)", e2e["cells"], e2e["wall_s"],
+         e2e["cells"] / e2e["wall_s"]),
+    ]
+    print(f"\nmodel {args.model} {args.dtype}, T={args.T}, {args.prompts} prompt pair(s), "
+          f"lp={args.layers}, {len(spec.position_list())} positions, {len(spec.eps_list())} eps + linear, "
+          f"{args.directions} directions; {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads\n")
+    print("| run | cells | seconds | cells/s | vs engine |")
+    print("|---|---:|---:|---:|---:|")
+    for label, cells, secs, rate in rows:
+        print(f"| {label} | {cells} | {secs:.1f} | {rate:.1f} | {rate / eng_rate:.0%} |")
+    if args.json:
+        args.json.write_text(json.dumps({"engine": eng, "e2e": e2e}, default=str, indent=1))
+
+
+if __name__ == "__main__":
+    main()
