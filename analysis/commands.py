@@ -1,9 +1,115 @@
-"""CLI commands of this package (placeholder until the package's issue lands)."""
+"""CLI commands of the analysis layer: `unisweep query` (read-only SQL) and `unisweep report`.
+
+Both open a sweep from the result database (--db URL, else UNISWEEP_DB, else --out/unisweep.db).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+
 import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.errors import InvalidInput
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    parquet = "parquet"
+    json = "json"
+
+
+def _print_table(table, console: Console) -> None:
+    t = Table(show_header=True, header_style="bold")
+    for name in table.column_names:
+        t.add_column(name)
+    for row in table.to_pylist():
+        t.add_row(*("NULL" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
+                    for v in row.values()))
+    console.print(t)
+    console.print(f"{table.num_rows} row(s)", style="dim")
+
+
+def query_command(
+    sql: str = typer.Argument(..., help="One read-only statement: SELECT, WITH, DESCRIBE, "
+                              "SHOW or EXPLAIN over the views responses, units, sweeps."),
+    sweep: str = typer.Option(None, "--sweep", "-s", help="Sweep name (default: all sweeps)."),
+    db: str = typer.Option(None, "--db", help="Database URL (default: env UNISWEEP_DB, "
+                           "else <--out>/unisweep.db)."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Output folder holding unisweep.db."),
+    fmt: Format = typer.Option(Format.table, "--format", "-f", help="Output format."),
+    output: Path = typer.Option(None, "--output", "-o", help="Write the result to this file "
+                                "(required for parquet) instead of stdout."),
+) -> None:
+    """Run SQL on a sweep's responses (chi, offset_class, depth added), units and sweeps."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from analysis.source import load_sweep
+    from analysis.views import check_read_only, run_query
+
+    check_read_only(sql)  # before opening anything
+    if fmt is Format.parquet and output is None:
+        raise InvalidInput("--output", "a file path when --format parquet", None)
+    data = load_sweep(sweep, db=db, out=out)
+    result = run_query(data.con, sql)
+    if fmt is Format.parquet:
+        pq.write_table(result, output, compression="zstd")
+        return
+    if fmt is Format.table:
+        if output is None:
+            _print_table(result, Console())
+        else:
+            with open(output, "w") as fh:
+                _print_table(result, Console(file=fh, width=200))
+        return
+    if fmt is Format.csv:
+        sink = str(output) if output else sys.stdout.buffer
+        pacsv.write_csv(result, sink)
+        return
+    text = json.dumps(result.to_pylist(), default=str, indent=1)
+    if output:
+        output.write_text(text + "\n")
+    else:
+        print(text)
+
+
+def report_command(
+    sweep: str = typer.Argument(..., help="Sweep name."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for index.html, report.md, "
+                                "PNGs and CSVs (created)."),
+    db: str = typer.Option(None, "--db", help="Database URL (default: env UNISWEEP_DB, "
+                           "else <--out>/unisweep.db)."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Output folder holding unisweep.db."),
+    tol: float = typer.Option(0.05, "--tol", help="Plateau tolerance (relative)."),
+    threshold: float = typer.Option(2.0, "--threshold", help="Induction score threshold."),
+    layers: str = typer.Option(None, "--layers", help="Comma-separated layers for the chi "
+                               "maps and curves (default: quarter depths and emergence)."),
+) -> None:
+    """Write an HTML + Markdown report with plots of a sweep."""
+    from analysis.report import build_report
+    from analysis.source import load_sweep
+
+    chosen = None
+    if layers:
+        try:
+            chosen = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise InvalidInput("--layers", "comma-separated integers, e.g. 4,8,12",
+                               layers) from None
+    if not (0 < tol < 1):
+        raise InvalidInput("--tol", "a relative tolerance in (0, 1)", tol)
+    data = load_sweep(sweep, db=db, out=out)
+    index = build_report(data, output, tol=tol, threshold=threshold, layers=chosen)
+    Console().print(f"report written: {index}")
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the `unisweep` app."""
+    app.command("query")(query_command)
+    app.command("report")(report_command)
