@@ -62,7 +62,14 @@ def model_meta(name: str) -> ModelMeta:
         info_fn = getattr(tm, "model_info", None)
         if info_fn is not None:
             return _from_info(name, info_fn(name))
-        # No config-only reader yet: load once on the CPU, without the start-up check.
+        # No config-only reader yet: load once on the CPU, without the start-up check (and
+        # without transformers' weight-loading bar in the driver's output).
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
         return _from_info(name, tm.load_model(name, dtype="float32", device="cpu", check=False))
     except InvalidInput as exc:
         raise InvalidInput("models", "a known alias, hub name, local folder, .gguf file or "
