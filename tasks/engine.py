@@ -219,11 +219,19 @@ def _kl_from_logit_change(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     """KL(q || p) for q = softmax(z + dz), without cancelling two nearly equal log-softmaxes.
 
     With d = log(q/p) = dz - log(sum p e^dz), KL = sum p (e^d d - expm1(d)); every term is
-    O(d^2) and >= 0, so small perturbations keep their digits.
+    O(d^2) and >= 0, so small perturbations keep their digits. Large changes take the
+    plain form q d - q + p (same terms), which stays finite where p underflows to 0.
     """
-    shift = torch.log1p((p * torch.expm1(dz)).sum(-1, keepdim=True))
-    d = dz - shift
-    return (p * (torch.exp(d) * d - torch.expm1(d))).sum(-1)
+    small_shift = torch.log1p((p * torch.expm1(dz.clamp(max=1.0))).sum(-1, keepdim=True))
+    logp = torch.log(p)
+    big_shift = torch.logsumexp(logp + dz, dim=-1, keepdim=True)
+    is_small = dz.abs().amax(-1, keepdim=True) < 1.0
+    d = dz - torch.where(is_small, small_shift, big_shift)
+    near = d.abs() < 1.0
+    q = torch.exp(logp + d)
+    terms = torch.where(near, p * (torch.exp(d.clamp(max=1.0)) * d - torch.expm1(d.clamp(max=1.0))),
+                        torch.where(q > 0, q * d, torch.zeros_like(d)) - q + p)
+    return terms.sum(-1)
 
 
 def _suffix_pass(lm: LoadedModel, clean: CleanState, prompt_rows: torch.Tensor, plan: _PassPlan,
