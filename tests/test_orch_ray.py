@@ -122,6 +122,7 @@ def test_kill_actor_mid_unit(ray_delay: str, tmp_path: Path) -> None:
     and the driver-kill tests run on PostgreSQL too."""
     db_url = f"sqlite:///{tmp_path / 'u.db'}"
     import ray
+
     from db.store import connect
 
     d = spec_dict("killactor", tmp_path / "out")

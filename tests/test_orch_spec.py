@@ -183,7 +183,6 @@ def test_examples_validate() -> None:
 def test_cli_rejects_before_any_write(tmp_path: Path, backend: str, capsys: pytest.CaptureFixture) -> None:
     """Bad specs through `unisweep run`: exit 2, one clear line, the database unchanged."""
     from db.store import connect
-
     from orchestrator.cli import main
     from tests.fixtures_db import make_db_url
 
