@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the naive reference lives in tests/
 
 from tasks.directions import random_directions
 from tasks.engine import clean_pass, compute_responses, perturb_group
@@ -64,8 +68,9 @@ def time_engine(lm, prompts, lps, positions, eps, dirs, reuse_prefix=True, repea
 
 
 def time_naive(lm, prompts, lps, positions, eps, dirs, max_cells: int) -> tuple[float, int]:
-    """Seconds and cells of the naive loop: a clean forward per prompt, a full hooked
-    forward per cell (the perturbation added by a pre-hook), responses from the hooks."""
+    """Seconds and cells of the naive loop: a clean forward per prompt, then per cell one
+    full hooked forward (perturbation added by a pre-hook) and the same outputs as the
+    engine: R at every level and position, the attention and MLP sections, and the KL."""
     cells = [(p, lp, j, e, d) for p in prompts for lp in lps for j in positions
              for e in eps for d in range(len(dirs))]
     step = max(1, len(cells) // max_cells)
@@ -73,12 +78,18 @@ def time_naive(lm, prompts, lps, positions, eps, dirs, max_cells: int) -> tuple[
     t0 = time.perf_counter()
     clean = {}
     for p, lp, j, e, d in cells:
-        if p.id * 2 + (p.kind == "control") not in clean:
-            clean[p.id * 2 + (p.kind == "control")] = naive_forward(lm, p.input_ids)
-        x0 = clean[p.id * 2 + (p.kind == "control")][0]
+        key = (p.id, p.kind)
+        if key not in clean:
+            x0, a0, m0, z0 = naive_forward(lm, p.input_ids)
+            clean[key] = (x0, a0, m0, torch.log_softmax(z0, -1), x0.norm(dim=-1))
+        x0, a0, m0, logp, den = clean[key]
         delta = e * x0[lp, j].norm() * dirs[d].to(x0.dtype)
-        x1 = naive_forward(lm, p.input_ids, lp, j, delta)[0]
-        _ = (x1 - x0).norm(dim=-1) / x0.norm(dim=-1)
+        x1, a1, m1, z1 = naive_forward(lm, p.input_ids, lp, j, delta)
+        _r = (x1 - x0).norm(dim=-1) / den
+        _ra = (a1 - a0).norm(dim=-1) / den[:-1]
+        _rm = (m1 - m0).norm(dim=-1) / den[:-1]
+        logq = torch.log_softmax(z1, -1)
+        _kl = (logq.exp() * (logq - logp)).sum(-1)
     return time.perf_counter() - t0, len(cells)
 
 

@@ -219,19 +219,24 @@ def _kl_from_logit_change(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     """KL(q || p) for q = softmax(z + dz), without cancelling two nearly equal log-softmaxes.
 
     With d = log(q/p) = dz - log(sum p e^dz), KL = sum p (e^d d - expm1(d)); every term is
-    O(d^2) and >= 0, so small perturbations keep their digits. Large changes take the
-    plain form q d - q + p (same terms), which stays finite where p underflows to 0.
+    O(d^2) and >= 0, so small perturbations keep their digits. Rows with a large change take
+    the plain form q d - q + p (the same terms), which stays finite where p underflows to 0.
+    The vocabulary-wide passes dominate the KL's cost, so the large-change path runs only
+    for the rows that need it.
     """
-    small_shift = torch.log1p((p * torch.expm1(dz.clamp(max=1.0))).sum(-1, keepdim=True))
-    logp = torch.log(p)
-    big_shift = torch.logsumexp(logp + dz, dim=-1, keepdim=True)
-    is_small = dz.abs().amax(-1, keepdim=True) < 1.0
-    d = dz - torch.where(is_small, small_shift, big_shift)
-    near = d.abs() < 1.0
-    q = torch.exp(logp + d)
-    terms = torch.where(near, p * (torch.exp(d.clamp(max=1.0)) * d - torch.expm1(d.clamp(max=1.0))),
-                        torch.where(q > 0, q * d, torch.zeros_like(d)) - q + p)
-    return terms.sum(-1)
+    big = dz.abs().amax(-1) >= 1.0  # [..., s]
+    shift = torch.log1p((p * torch.expm1(dz.clamp(max=1.0))).sum(-1, keepdim=True))
+    d = dz - shift
+    dc = d.clamp(max=30.0)  # finite everywhere; rows where it bites are recomputed below
+    kl = (p * (torch.exp(dc) * dc - torch.expm1(dc))).sum(-1)
+    if bool(big.any()):
+        logp = torch.log(p)
+        rows_dz = dz[big]
+        d_big = rows_dz - torch.logsumexp(logp.expand_as(dz)[big] + rows_dz, dim=-1, keepdim=True)
+        q = torch.exp(logp.expand_as(dz)[big] + d_big)
+        p_big = p.expand_as(dz)[big]
+        kl[big] = (torch.where(q > 0, q * d_big, torch.zeros_like(q)) - q + p_big).sum(-1)
+    return kl
 
 
 def _suffix_pass(lm: LoadedModel, clean: CleanState, prompt_rows: torch.Tensor, plan: _PassPlan,
