@@ -367,10 +367,17 @@ def bench_model(short: str, dtype: str, device: torch.device, args) -> dict:
 def peers_on(short: str, device: torch.device, args) -> dict:
     """Engine vs peers on lp in {0, L/3, 2L/3}, the same cells, one process."""
     lm = load_model(model_name(short), dtype="float32", device=str(device), check=False)
-    g = paper_grid(lm, args.T, args.positions, (0, 1 / 3, 2 / 3), args.eps_count, 1,
-                   kinds=("repeat",))
+    g = paper_grid(lm, args.T, args.positions, (0, 1 / 3, 2 / 3), args.eps_count,
+                   args.peer_directions, kinds=("repeat",))
     out = {"model": short, "lps": g.lps, "positions": g.positions, "cells": g.cells,
            "engine": g.cells / time_engine(lm, g, args.max_rows, args.repeat)}
+    # FLOP limit of engine / peer: a peer runs the full model (and the head) on all n
+    # positions for each cell; the engine what ShapeCost counts for its passes.
+    cost, n = ShapeCost.of(lm), g.prompts[0].n
+    peer = g.cells * (cost.blocks(0, n, cost.n_layers) + 2.0 * cost.head * n)
+    mine, _ = engine_flops(cost, lm, n, g.lps, g.positions, len(g.eps) * len(g.dirs), 1,
+                           args.max_rows)
+    out["limit"] = peer / mine
     out["naive"] = naive_cells_per_s(lm, g, args.peer_cells)
     try:
         out["nnsight_cell"], out["nnsight_batched"] = nnsight_rates(lm, g, args.peer_cells * 3)
@@ -402,6 +409,8 @@ def main() -> None:
     ap.add_argument("--naive-cells", type=int, default=6)
     ap.add_argument("--peers", default="smollm2-135m", help="models for the peer table ('' = none)")
     ap.add_argument("--peer-cells", type=int, default=8)
+    ap.add_argument("--peer-directions", type=int, default=4,
+                    help="directions in the peer grid (nnsight batches the eps of one direction)")
     ap.add_argument("--quick", action="store_true", help="CI size: T=16, 2 positions, best-of-1")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -414,7 +423,8 @@ def main() -> None:
         # CPU: both prompts of a pair share a pass (2 x (1 + 44) rows); CUDA: 8 pairs' worth.
         args.max_rows = 2 * (1 + args.eps_count * args.directions) if cpu else 16 * (
             1 + args.eps_count * args.directions)
-    shapes = args.shapes.split(",") if args.shapes else (CPU_SHAPES if cpu else GPU_SHAPES)
+    shapes = ([s for s in args.shapes.split(",") if s] if args.shapes is not None
+              else (CPU_SHAPES if cpu else GPU_SHAPES))
     dtypes = args.dtypes.split(",") if args.dtypes else (["float32"] if cpu else ["bfloat16", "float32"])
 
     threads = torch.get_num_threads()
@@ -430,7 +440,7 @@ def main() -> None:
           "| peak mem GiB | rows/pass | naive cells/s | engine/naive | 8-pair grid (projected) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     runs = [(s, d) for s in shapes for d in dtypes]
-    if cpu and not args.dtypes:
+    if cpu and not args.dtypes and shapes:
         runs.append(("gpt2-small", "bfloat16"))
     for short, dtype in runs:
         r = bench_model(short, dtype, device, args)
@@ -443,11 +453,12 @@ def main() -> None:
               flush=True)
     peers = [p for p in args.peers.split(",") if p]
     if peers:
-        print("\nPeers, same process, lp in {0, L/3, 2L/3}, float32, repeat prompt, 1 direction "
-              "(cells/s; ratio = engine / peer):\n")
-        print("| model | positions | engine | naive loop | nnsight, trace per cell "
+        print(f"\nPeers, same process, lp in {{0, L/3, 2L/3}}, float32, repeat prompt, "
+              f"{args.eps_count} eps x {args.peer_directions} directions (cells/s; ratio = "
+              "engine / peer; FLOP limit = a peer's FLOPs per cell / the engine's):\n")
+        print("| model | positions | engine | FLOP limit | naive loop | nnsight, trace per cell "
               "| nnsight, eps as invokes | TransformerBridge |")
-        print("|---|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|---|")
         for short in peers:
             p = peers_on(short, device, args)
             e = p["engine"]
@@ -457,7 +468,7 @@ def main() -> None:
                     return p.get(key.split("_")[0] + "_error", "-")
                 return f"{p[key]:.2f} ({e / p[key]:.1f}x)"
 
-            print(f"| {short} | {p['positions']} | {e:.1f} | {cell('naive')} | "
+            print(f"| {short} | {p['positions']} | {e:.1f} | {p['limit']:.2f}x | {cell('naive')} | "
                   f"{cell('nnsight_cell')} | {cell('nnsight_batched')} | {cell('bridge')} |",
                   flush=True)
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
