@@ -435,10 +435,11 @@ def main() -> None:
           f"{args.eps_count} eps in [1e-5, 1] x {args.directions} directions, repeat + control; "
           f"{'all' if not args.positions else args.positions} positions of copy 1 timed; "
           f"max_rows {args.max_rows} (engine default {DEFAULT_MAX_ROWS})")
-    print("`*` = shape-only model, random weights (not real weights)\n")
-    print("| model | dtype | cells/s | tokens/s | TFLOP/s | % of torch.mm | % of dense peak "
-          "| peak mem GiB | rows/pass | naive cells/s | engine/naive | 8-pair grid (projected) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    if shapes:
+        print("`*` = shape-only model, random weights (not real weights)\n")
+        print("| model | dtype | cells/s | tokens/s | TFLOP/s | % of torch.mm | % of dense peak "
+              "| peak mem GiB | rows/pass | naive cells/s | engine/naive | 8-pair grid (projected) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     runs = [(s, d) for s in shapes for d in dtypes]
     if cpu and not args.dtypes and shapes:
         runs.append(("gpt2-small", "bfloat16"))
