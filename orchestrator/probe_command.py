@@ -52,6 +52,9 @@ def probe(
     dirs = random_directions(lm.d_model, directions, seed=seed)
     grid = check_grid(lm, prompts, [layer], [position], eps_list, dirs, None, None, 64)
     t_load = time.perf_counter() - t0
+    if lm.extra.get("not_real_weights"):
+        console.print(f"[yellow]note:[/] {model} is a shape-only model with seeded random weights, "
+                      "NOT the real weights: timings are real, responses are not the model's.")
     if position + T > 2 * T:
         console.print(f"[yellow]note:[/] j = {position} is not in copy 1 (1..{T}): "
                       "the induction offsets fall outside the prompt.")
@@ -69,7 +72,8 @@ def probe(
     def chi_lin(g: int, lvl: int, off: int) -> float:
         return float(lin.r[g, :, lvl - layer, k + off].mean())
 
-    tab = Table(title=f"{model} ({dtype}): linear-response chi per level, lp={layer}, j={position}, "
+    mark = " [RANDOM WEIGHTS]" if lm.extra.get("not_real_weights") else ""
+    tab = Table(title=f"{model}{mark} ({dtype}): linear-response chi per level, lp={layer}, j={position}, "
                 f"T={T}", title_justify="left")
     tab.add_column("l", justify="right")
     for kind in ("rep", "ctl"):
@@ -119,6 +123,11 @@ def models_list() -> None:
         console.print(f"{alias}\t{spec['package']}")
     for fam in ("gpt2", "llama", "gemma2", "gemma3"):
         console.print(f"tiny:{fam}\trandom-initialised test config")
+    from tasks.shapes import SHAPES
+
+    for shape, (_, published) in SHAPES.items():
+        what = "published shape" if published else "scaled-down shape (widths / 4)"
+        console.print(f"shape:{shape}\t{what}, random weights (not real weights)")
 
 
 def register(app: typer.Typer) -> None:
