@@ -56,20 +56,17 @@ def startup_check(lm, n: int = 12) -> dict[str, float]:
         raise StartupCheckFailed(
             f"start-up check failed for {lm.model_id}: logits from the final norm and head differ "
             f"from HF's by {err:.3g} (allowed {tol:g}).")
-    # Prefix reuse from the middle: the baseline row of a suffix pass must reproduce the
-    # clean stream at every later level.
+    # Prefix reuse from the middle: the same cell through the cached-prefix suffix pass and
+    # through the full pass must give the same response at every later level.
     lp, j = L // 2, n // 2
-    res = perturb_group(lm, clean, lp, j, torch.tensor([1e-3], dtype=torch.float64),
-                        torch.nn.functional.normalize(torch.ones(1, lm.d_model,
-                                                                 dtype=torch.float64), dim=1),
-                        kl=False)
-    full = perturb_group(lm, clean, lp, j, torch.tensor([1e-3], dtype=torch.float64),
-                         torch.nn.functional.normalize(torch.ones(1, lm.d_model,
-                                                                  dtype=torch.float64), dim=1),
-                         reuse_prefix=False, kl=False)
+    eps = torch.tensor([1e-3], dtype=torch.float64)
+    direction = torch.nn.functional.normalize(torch.ones(1, lm.d_model, dtype=torch.float64), dim=1)
+    res = perturb_group(lm, clean, lp, j, eps, direction, kl=False)
+    full = perturb_group(lm, clean, lp, j, eps, direction, reuse_prefix=False, kl=False)
     err = _rel(res.r, full.r[..., lp:, res.i0:])
     worst["prefix_reuse"] = err
-    # Responses are differences; allow the dtype's tolerance relative to eps as well.
+    # The two paths round differently; in half precision that rounding dominates a 1e-3
+    # response, so only float32/float64 are held to a bound here.
     if err > max(tol * 10, 1e-6) and lm.dtype in (torch.float64, torch.float32):
         raise StartupCheckFailed(
             f"start-up check failed for {lm.model_id}: the prefix-reuse path (block {lp}, "

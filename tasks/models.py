@@ -229,7 +229,7 @@ def _load_tiny(family: str, dtype: torch.dtype, device: torch.device):
     return model, None, space, identity
 
 
-def _materialized_folder(gguf: Path, digest: str) -> Path:
+def _materialized_folder(digest: str) -> Path:
     """De-quantising a GGUF takes ~20 s; keep a safetensors copy keyed by the file's sha256."""
     return CACHE_DIR / "materialized" / digest[:16]
 
@@ -238,7 +238,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     digest = _file_sha256_cached(path)
-    folder = _materialized_folder(path, digest)
+    folder = _materialized_folder(digest)
     if (folder / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(folder)
