@@ -16,6 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import DynamicCache
 
+from tasks.heads import HeadRecorder, kept_positions
 from tasks.models import LoadedModel
 from tasks.prompts import Prompt
 from tasks.validation import check_grid
@@ -43,6 +44,9 @@ class Responses:
     r_attn: torch.Tensor
     r_mlp: torch.Tensor
     kl: torch.Tensor
+    # Per-head responses (tasks.heads) when asked: [G, C, L-l0, H, k] at positions head_i [k].
+    r_head: torch.Tensor | None = None
+    head_i: torch.Tensor | None = None
 
 
 def result_dtype(lm: LoadedModel) -> torch.dtype:
@@ -121,6 +125,7 @@ class _Recorder:
         self.mlp: dict[int, torch.Tensor] = {}
         self.den: dict[int, torch.Tensor] = {}  # ||x_l(i)|| of the clean stream, per level
         self.kl: torch.Tensor | None = None
+        self.heads: HeadRecorder | None = None  # per-head norms, when the pass records them
 
     def _split(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(clean, delta) of a captured activation, both [G, rows, s, d] in the result dtype."""
@@ -167,6 +172,8 @@ def _hooks(lm: LoadedModel, plan: _PassPlan, rec: _Recorder, inject):
             lambda _m, _a, out, b=b: rec.section(rec.attn, b, _first(out))))
         handles.append(ad.mlp_module(blocks[b]).register_forward_hook(
             lambda _m, _a, out, b=b: rec.section(rec.mlp, b, _first(out))))
+        if rec.heads is not None:
+            handles.append(rec.heads.hook(blocks[b], b))
     n_layers = len(blocks)
     handles.append(ad.final_norm_module(model).register_forward_pre_hook(
         lambda _m, args: rec.level(n_layers, args[0])))
@@ -240,7 +247,8 @@ def _kl_from_logit_change(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
 
 
 def _suffix_pass(lm: LoadedModel, clean: CleanState, prompt_rows: torch.Tensor, plan: _PassPlan,
-                 inject, rdtype: torch.dtype, kl: bool) -> _Recorder:
+                 inject, rdtype: torch.dtype, kl: bool,
+                 heads_keep: torch.Tensor | None = None) -> _Recorder:
     """Run blocks first_block..L-1 on positions start..n-1 for B = G x rows batch rows."""
     model, ad = lm.model, lm.adapter
     start = plan.start
@@ -252,6 +260,8 @@ def _suffix_pass(lm: LoadedModel, clean: CleanState, prompt_rows: torch.Tensor, 
             for k, v in zip(clean.keys, clean.values)])
     positions = torch.arange(start, clean.input_ids.shape[1], device=ids.device).unsqueeze(0)
     rec = _Recorder(plan, rdtype)
+    if heads_keep is not None:
+        rec.heads = HeadRecorder(lm, rdtype, rec._split, rec.den.__getitem__, heads_keep)
     with _hooks(lm, plan, rec, inject):
         out = ad.base(model)(input_ids=ids, past_key_values=past, position_ids=positions,
                              use_cache=past is not None)
@@ -293,11 +303,13 @@ def _perturbation(clean_lp: torch.Tensor, j: int, eps: torch.Tensor, dirs: torch
 @torch.no_grad()
 def perturb_group(lm: LoadedModel, clean: CleanState, lp: int, j: int,
                   eps: torch.Tensor, dirs: torch.Tensor, reuse_prefix: bool = True,
-                  kl: bool = True) -> Responses:
+                  kl: bool = True, heads: bool = False,
+                  head_offsets: Sequence[int] | None = None) -> Responses:
     """Finite-eps responses of every (eps, direction) cell for all prompts of `clean`.
 
     With reuse_prefix=False every pass starts at block 0 and position 0 (the ablation the
-    benchmark compares against, and the layout the causality test reads).
+    benchmark compares against, and the layout the causality test reads). With heads, the
+    per-head responses at offsets i - j in head_offsets (None: every i >= j) come too.
     """
     rdtype = result_dtype(lm)
     G = clean.input_ids.shape[0]
@@ -315,12 +327,14 @@ def perturb_group(lm: LoadedModel, clean: CleanState, lp: int, j: int,
         return h.flatten(0, 1)
 
     rows = torch.arange(G, device=clean.input_ids.device).repeat_interleave(1 + C)
-    rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl)
+    keep = _heads_keep(heads, head_offsets, j, start, clean)
+    rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl, keep)
     return _collect(lm, rec, plan, j, G, C, kl)
 
 
 def linear_group(lm: LoadedModel, clean: CleanState, lp: int, j: int, dirs: torch.Tensor,
-                 reuse_prefix: bool = True, kl: bool = True) -> Responses:
+                 reuse_prefix: bool = True, kl: bool = True, heads: bool = False,
+                 head_offsets: Sequence[int] | None = None) -> Responses:
     """The exact eps -> 0 response J(||x_lp(j)|| u) by forward-mode autodiff, one pass."""
     rdtype = result_dtype(lm)
     G, D = clean.input_ids.shape[0], dirs.shape[0]
@@ -337,9 +351,16 @@ def linear_group(lm: LoadedModel, clean: CleanState, lp: int, j: int, dirs: torc
         return fwAD.make_dual(primal.flatten(0, 1), tangent.flatten(0, 1))
 
     rows = torch.arange(G, device=clean.input_ids.device).repeat_interleave(D)
+    keep = _heads_keep(heads, head_offsets, j, start, clean)
     with torch.no_grad(), _forward_ad_attention(lm), fwAD.dual_level():
-        rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl)
+        rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl, keep)
     return _collect(lm, rec, plan, j, G, D, kl)
+
+
+def _heads_keep(heads: bool, offsets, j: int, start: int, clean: CleanState):
+    if not heads:
+        return None
+    return kept_positions(j, start, clean.input_ids.shape[1], offsets).to(clean.input_ids.device)
 
 
 @contextmanager
@@ -362,7 +383,11 @@ def _collect(lm, rec: _Recorder, plan: _PassPlan, j: int, G: int, C: int, kl: bo
     r_attn = torch.stack([rec.attn[lvl] for lvl in levels[:-1]], dim=2)
     r_mlp = torch.stack([rec.mlp[lvl] for lvl in levels[:-1]], dim=2)
     kls = rec.kl if kl else torch.full((G, C, r.shape[-1]), float("nan"), dtype=r.dtype)
-    return Responses(plan.lp, j, plan.first_block, plan.start, r, r_attn, r_mlp, kls)
+    res = Responses(plan.lp, j, plan.first_block, plan.start, r, r_attn, r_mlp, kls)
+    if rec.heads is not None:
+        res.r_head = torch.stack([rec.heads.r_head[lvl] for lvl in levels[:-1]], dim=2)
+        res.head_i = rec.heads.keep.cpu() + plan.start
+    return res
 
 
 def compute_responses(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[int],

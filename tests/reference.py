@@ -59,3 +59,100 @@ def naive_cell(lm, ids: torch.Tensor, lp: int, j: int, eps: float, direction: to
     logq = torch.log_softmax(z1.to(rdtype), -1)
     kl = (logq.exp() * (logq - logp)).sum(-1)
     return r, r_attn, r_mlp, kl
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-head responses, by HF's own output projection applied to one head's slice at a time.
+
+_PROJ_PATHS = ("attn.c_proj", "self_attn.o_proj")  # GPT-2's Conv1D; Llama's and Gemma's Linear
+
+
+def _projection(blk):
+    return next(m for name, m in blk.named_modules() if name in _PROJ_PATHS)
+
+
+@torch.no_grad()
+def head_contributions(proj, z: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[n, H, d]: what head h adds, proj(z with every other head zeroed) - proj(0)."""
+    width = z.shape[-1]
+    hd = width // n_heads
+    zero = proj(torch.zeros_like(z[:1]))
+    out = []
+    for h in range(n_heads):
+        mask = torch.zeros(width, dtype=z.dtype)
+        mask[h * hd:(h + 1) * hd] = 1
+        out.append(proj(z * mask) - zero)
+    return torch.stack(out, dim=1)
+
+
+@torch.no_grad()
+def _run_heads(lm, ids, lp=None, j=None, delta=None, linear=False):
+    """One full forward; per block the o_proj input z [n, H*hd], o_proj output, attention
+    module output, and block inputs [L+1, n, d]. With linear, delta is injected as the
+    forward-mode tangent and the tangents of z are returned instead of z."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, ad = lm.model, lm.adapter
+    blocks = ad.block_list(model)
+    resid, z, proj_out, attn_out, handles = {}, {}, {}, {}, []
+    def unpack(t):
+        if not linear:
+            return t
+        tangent = fwAD.unpack_dual(t).tangent  # None before the perturbed block
+        return torch.zeros_like(t) if tangent is None else tangent
+    for b, blk in enumerate(blocks):
+        def pre(_m, args, kwargs, b=b):
+            h = args[0] if args else kwargs["hidden_states"]
+            if delta is not None and b == lp:
+                if linear:
+                    tangent = torch.zeros_like(h)
+                    tangent[0, j] = delta.to(h.dtype)
+                    h = fwAD.make_dual(h, tangent)
+                else:
+                    h = h.clone()
+                    h[0, j] = h[0, j] + delta.to(h.dtype)
+                args, kwargs = ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+            resid[b] = fwAD.unpack_dual(h).primal[0].clone()
+            return args, kwargs
+        handles.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+        proj = _projection(blk)
+        handles.append(proj.register_forward_pre_hook(
+            lambda _m, a, b=b: z.__setitem__(b, unpack(a[0])[0].clone())))
+        handles.append(proj.register_forward_hook(
+            lambda _m, _a, o, b=b: proj_out.__setitem__(b, unpack(o)[0].clone())))
+        attn = blk.attn if hasattr(blk, "attn") else blk.self_attn
+        handles.append(attn.register_forward_hook(
+            lambda _m, _a, o, b=b: attn_out.__setitem__(b, unpack(o[0])[0].clone())))
+    try:
+        if linear:
+            with fwAD.dual_level(), sdpa_kernel([SDPBackend.MATH]):
+                model(input_ids=ids[None])
+        else:
+            model(input_ids=ids[None])
+    finally:
+        for h in handles:
+            h.remove()
+    return resid, z, proj_out, attn_out
+
+
+@torch.no_grad()
+def naive_heads(lm, ids: torch.Tensor, lp: int, j: int, eps: float | None, direction: torch.Tensor,
+                rdtype=torch.float64):
+    """r_head [L, H, n] of one cell: ||W_O,h (z~_h - z_h)|| / ||x_l||; eps None: the linear
+    limit (forward-mode tangent of z_h per unit eps)."""
+    blocks = lm.adapter.block_list(lm.model)
+    H = next(getattr(lm.model.config, k) for k in ("num_attention_heads", "n_head")
+             if hasattr(lm.model.config, k))
+    x0, z0, _, _ = _run_heads(lm, ids)
+    size = 1.0 if eps is None else eps
+    delta = size * x0[lp][j].to(rdtype).norm() * direction.to(rdtype)
+    _, z1, _, _ = _run_heads(lm, ids, lp, j, delta, linear=eps is None)
+    out = []
+    for b, blk in enumerate(blocks):
+        proj = _projection(blk)
+        dz = z1[b] if eps is None else z1[b] - z0[b]
+        # The projection's bias cancels in proj(dz * mask) - proj(0): only W_O,h dz_h is left.
+        c = head_contributions(proj, dz, H).to(rdtype)  # [n, H, d]
+        out.append((c.norm(dim=-1) / x0[b].to(rdtype).norm(dim=-1)[:, None]).T)
+    return torch.stack(out)
