@@ -37,7 +37,7 @@ def _print_table(table, console: Console) -> None:
 
 def query_command(
     sql: str = typer.Argument(..., help="One read-only statement: SELECT, WITH, DESCRIBE, "
-                              "SHOW or EXPLAIN over the views responses, units, sweeps."),
+                              "SHOW or EXPLAIN over the views responses, heads, units, sweeps."),
     sweep: str = typer.Option(None, "--sweep", "-s", help="Sweep name (default: all sweeps)."),
     db: str = typer.Option(None, "--db", help="Database URL (default: env UNISWEEP_DB, "
                            "else <--out>/unisweep.db)."),

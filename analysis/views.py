@@ -1,4 +1,5 @@
-"""The DuckDB views every analysis reads: `responses` over a sweep's done shards, `units`, `sweeps`.
+"""The DuckDB views every analysis reads: `responses` over a sweep's done shards, `heads` over
+their head_responses files (units that recorded heads), `units`, `sweeps`.
 
 Opened read-only: after the views exist, file access is limited to those shards and locked.
 """
@@ -11,8 +12,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from db.shards import head_shard
 from tasks.errors import InvalidInput
-from tasks.layout import SHARD_SCHEMA
+from tasks.layout import HEAD_SHARD_SCHEMA, SHARD_SCHEMA
 
 # Offset classes of a response (i, j), in the order reports show them.
 OFFSET_CLASSES = ("diagonal", "near", "induction_T-1", "induction_T", "background")
@@ -42,10 +44,12 @@ def open_sweep(
     threads: int | None = None,
     lock: bool = True,
 ) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB connection with views `responses`, `units` and `sweeps`.
+    """An in-memory DuckDB connection with views `responses`, `heads`, `units` and `sweeps`.
 
     `responses` reads exactly `shard_paths` (the done shards from the database, never a
     glob) and adds `chi`, `delta` (= i - j), `offset_class` and `depth` (= l / n_layers).
+    `heads` reads the head_responses files those shards name and adds `chi_head` (r_head per
+    unit eps), `delta`, `offset_class` and `depth` alike.
     With `lock`, the connection can afterwards read only those files and cannot change
     its own settings, so user SQL cannot reach other files or write any.
     """
@@ -69,6 +73,18 @@ def open_sweep(
                l::DOUBLE / n_layers AS depth
         FROM {source}"""
     )
+    head_paths = [str(Path(h.path).resolve()) for p in paths if (h := head_shard(p)) is not None]
+    if head_paths:
+        head_source = f"read_parquet({_sql_list(head_paths)})"
+    else:
+        con.register("_empty_heads", HEAD_SHARD_SCHEMA.empty_table())
+        head_source = "_empty_heads"
+    con.execute(
+        f"""CREATE VIEW heads AS
+        SELECT *, CASE WHEN eps IS NULL THEN r_head ELSE r_head / eps END AS chi_head,
+               i - j AS delta, {OFFSET_CLASS_SQL} AS offset_class, l::DOUBLE / n_layers AS depth
+        FROM {head_source}"""
+    )
     for name, table in (("units", units), ("sweeps", sweeps)):
         if table is None:
             table = pa.table({"sweep": pa.array([], pa.string())})
@@ -76,7 +92,7 @@ def open_sweep(
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_arrow")
     if lock:
         if paths:
-            con.execute(f"SET allowed_paths = {_sql_list(paths)}")
+            con.execute(f"SET allowed_paths = {_sql_list(paths + head_paths)}")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con

@@ -1,12 +1,16 @@
 """Result shards: one zstd Parquet file per unit, written atomically, checked by sha256.
 
 A shard is data only once its unit is marked done with the same path, rows and sha256;
-anything else on disk (torn, temporary, superseded) is garbage for `unisweep gc`.
+anything else on disk (torn, temporary, superseded) is garbage for `unisweep gc`. A unit that
+records heads has a second file beside its shard, `<key>.<token>.heads.parquet` (the
+head_responses table); the shard's own Parquet metadata holds that file's rows, bytes and
+sha256, so the checksum the database keeps for the shard covers both.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -17,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.errors import InvalidInput
-from tasks.layout import SHARD_SCHEMA
+from tasks.layout import HEAD_SHARD_SCHEMA, SHARD_SCHEMA
 
 SHARDS_DIR = "shards"
 SUFFIX = ".parquet"
@@ -26,7 +30,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")  # no '.': it separates key and token
 # <key>.<token>.parquet: the token keeps a slow, expired writer from overwriting the shard
 # of the worker that re-leased the unit; the loser's file is an orphan, never data.
-_FILE_RE = re.compile(r"^\.?(?P<key>[A-Za-z0-9][A-Za-z0-9_-]*)\.(?P<token>[0-9a-f]{8,})\.parquet(\.tmp)?$")
+_FILE_RE = re.compile(r"^\.?(?P<key>[A-Za-z0-9][A-Za-z0-9_-]*)\.(?P<token>[0-9a-f]{8,})"
+                      r"(\.heads)?\.parquet(\.tmp)?$")
+HEADS_SUFFIX = ".heads" + SUFFIX
+# Key of the shard's Parquet metadata that describes its head_responses file.
+HEADS_META = b"unisweep.head_responses"
 
 
 @dataclass(frozen=True)
@@ -74,31 +82,25 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def _conform(table: pa.Table) -> pa.Table:
-    missing = [f.name for f in SHARD_SCHEMA if f.name not in table.column_names]
+def _conform(table: pa.Table, schema: pa.Schema = SHARD_SCHEMA, what: str = "SHARD_SCHEMA") -> pa.Table:
+    missing = [f.name for f in schema if f.name not in table.column_names]
     if missing:
         raise InvalidInput(
-            "table", "a table with the columns of tasks.layout.SHARD_SCHEMA", f"missing {missing}"
+            "table", f"a table with the columns of tasks.layout.{what}", f"missing {missing}"
         )
     try:
-        return table.select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+        return table.select(schema.names).cast(schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as exc:
-        raise InvalidInput("table", "columns castable to tasks.layout.SHARD_SCHEMA", str(exc)) from exc
+        raise InvalidInput("table", f"columns castable to tasks.layout.{what}", str(exc)) from exc
 
 
-def write_shard(
-    table: pa.Table, output_dir: str | os.PathLike[str], sweep: str, unit_key: str
-) -> ShardInfo:
-    """Write `table` as the shard of `unit_key`: temporary name, fsync, rename, fsync the folder.
+def heads_path(shard_path: str | os.PathLike[str]) -> Path:
+    """Where the head_responses file of a shard is (whether or not the unit recorded heads)."""
+    p = Path(shard_path)
+    return p.with_name(p.name.removesuffix(SUFFIX) + HEADS_SUFFIX)
 
-    The caller then marks the unit done with the returned ShardInfo (Store.complete); until
-    then the file is not data.
-    """
-    check_key("unit_key", unit_key)
-    table = _conform(table)
-    folder = sweep_shard_dir(output_dir, sweep) / unit_key[:2]
-    folder.mkdir(parents=True, exist_ok=True)
-    name = f"{unit_key}.{secrets.token_hex(4)}{SUFFIX}"
+
+def _write_atomic(table: pa.Table, folder: Path, name: str) -> Path:
     final = folder / name
     tmp = folder / f".{name}{TMP_SUFFIX}"  # hidden: no glob for *.parquet ever sees it
     with open(tmp, "wb") as f:
@@ -106,9 +108,45 @@ def write_shard(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
+    return final
+
+
+def write_shard(
+    table: pa.Table, output_dir: str | os.PathLike[str], sweep: str, unit_key: str,
+    heads: pa.Table | None = None,
+) -> ShardInfo:
+    """Write `table` as the shard of `unit_key`: temporary name, fsync, rename, fsync the folder.
+
+    With `heads` (a head_responses table), that file is written first and described in the
+    shard's metadata. The caller then marks the unit done with the returned ShardInfo
+    (Store.complete); until then neither file is data.
+    """
+    check_key("unit_key", unit_key)
+    table = _conform(table)
+    if heads is not None:
+        heads = _conform(heads, HEAD_SHARD_SCHEMA, "HEAD_SHARD_SCHEMA")
+    folder = sweep_shard_dir(output_dir, sweep) / unit_key[:2]
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"{unit_key}.{secrets.token_hex(4)}{SUFFIX}"
+    if heads is not None:
+        hp = _write_atomic(heads, folder, heads_path(name).name)
+        meta = {"file": hp.name, "rows": heads.num_rows, "bytes": hp.stat().st_size,
+                "sha256": sha256_file(hp)}
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), HEADS_META: json.dumps(meta).encode()})
+    final = _write_atomic(table, folder, name)
     _fsync_dir(folder)
     size = final.stat().st_size
     return ShardInfo(path=str(final.resolve()), rows=table.num_rows, bytes=size, sha256=sha256_file(final))
+
+
+def head_shard(shard_path: str | os.PathLike[str]) -> ShardInfo | None:
+    """The head_responses file a shard's metadata names, or None if its unit recorded none."""
+    meta = pq.read_schema(shard_path).metadata or {}
+    if HEADS_META not in meta:
+        return None
+    d = json.loads(meta[HEADS_META])
+    return ShardInfo(str(Path(shard_path).with_name(d["file"])), d["rows"], d["bytes"], d["sha256"])
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -137,6 +175,11 @@ def verify_shard(info: ShardInfo, *, checksum: bool = True) -> str | None:
         return f"unreadable Parquet: {exc}"
     if rows != info.rows:
         return f"rows {rows} != recorded {info.rows}"
+    heads = head_shard(path)
+    if heads is not None:
+        reason = verify_shard(heads, checksum=checksum)
+        if reason:
+            return f"head_responses file {Path(heads.path).name}: {reason}"
     return None
 
 

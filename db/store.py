@@ -29,7 +29,15 @@ from db.leasing import CompleteOutcome, FailOutcome, LeasedUnit, utcnow
 from db.migrate import current_revision, head_revision, upgrade
 from db.models import SWEEP_STATUSES, Sweep, Unit, Worker
 from db.session import DatabaseError, session_scope
-from db.shards import ShardInfo, check_key, check_name, key_of, shard_files, verify_shard
+from db.shards import (
+    ShardInfo,
+    check_key,
+    check_name,
+    heads_path,
+    key_of,
+    shard_files,
+    verify_shard,
+)
 from db.urls import default_url, mask_url, normalize_url, resolve_url
 from tasks.errors import InvalidInput
 
@@ -476,11 +484,12 @@ class Store:
         now = utcnow()
         with self._session() as s:
             done = {
-                os.path.realpath(p)
+                os.path.realpath(q)
                 for (p,) in s.execute(
                     select(Unit.result_path).where(Unit.sweep_id == info.id, Unit.status == "done")
                 )
                 if p
+                for q in (p, heads_path(p))  # a done shard's head_responses file is data too
             }
             live = set(
                 s.execute(

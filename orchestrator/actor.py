@@ -20,10 +20,10 @@ import pyarrow.compute as pc
 
 from orchestrator import store_adapter
 from tasks.errors import UnisweepError
-from tasks.layout import SHARD_SCHEMA
+from tasks.layout import HEAD_SHARD_SCHEMA, SHARD_SCHEMA
 
 # Float columns that carry responses: a NaN or inf in any of them is never data.
-RESPONSE_COLUMNS = ("r", "r_attn", "r_mlp", "kl")
+RESPONSE_COLUMNS = ("r", "r_attn", "r_mlp", "kl", "r_head", "attn")
 # Seconds each unit sleeps before computing (tests kill workers mid-unit with it); unset: 0.
 FAULT_DELAY_ENV = "UNISWEEP_FAULT_DELAY_S"
 
@@ -53,18 +53,19 @@ def check_finite(table: pa.Table) -> None:
 
 
 def add_unit_columns(table: pa.Table, *, sweep: str, unit_key: str, model: str, dtype: str,
-                     T: int, n_layers: int) -> pa.Table:
-    """Prefix the engine's columns with the UNIT_FIELDS, in SHARD_SCHEMA order and types."""
+                     T: int, n_layers: int, schema: pa.Schema = SHARD_SCHEMA) -> pa.Table:
+    """Prefix the engine's columns with the UNIT_FIELDS, in `schema` order and types
+    (SHARD_SCHEMA, or HEAD_SHARD_SCHEMA for the head_responses table)."""
     n = table.num_rows
     consts = {"sweep": sweep, "unit_key": unit_key, "model": model, "dtype": dtype, "T": T,
               "n_layers": n_layers}
     cols = []
-    for f in SHARD_SCHEMA:
+    for f in schema:
         if f.name in consts:
             cols.append(pa.array([consts[f.name]] * n, type=f.type))
         else:
             cols.append(table.column(f.name).cast(f.type))
-    return pa.Table.from_arrays(cols, schema=SHARD_SCHEMA)
+    return pa.Table.from_arrays(cols, schema=schema)
 
 
 class UnitRunner:
@@ -148,7 +149,11 @@ class UnitRunner:
 
     def compute_unit(self, key: str, params: dict[str, Any]) -> pa.Table:
         """The shard table of one unit (no database, no file): engine + unit columns + checks."""
-        from tasks.engine import compute_responses
+        return self.compute_unit_tables(key, params)[0]
+
+    def compute_unit_tables(self, key: str, params: dict[str, Any]) -> tuple[pa.Table, pa.Table | None]:
+        """The unit's shard table and, when its record asks for heads, its head_responses."""
+        from tasks.engine import compute_tables
 
         lm = self._model(params)
         # Fault injection for the kill tests: make a unit last long enough to be killed in.
@@ -157,16 +162,21 @@ class UnitRunner:
             time.sleep(delay)
         prompts = _prompts(lm, params)
         dirs = _directions(lm, params)
-        table = compute_responses(
+        heads = params["record"].get("heads")  # absent: not recorded (and not in the key)
+        table, head_table = compute_tables(
             lm, prompts, lps=[params["lp"]], positions=list(params["positions"]),
             # float(): PostgreSQL's JSONB hands a large eps (1e30) back as an integer.
             eps=[float(e) for e in params["eps"]], directions=dirs, linear=bool(params["linear"]),
             record_layers=params["record"]["layers"], record_positions=params["record"]["positions"],
+            heads=heads is not None, head_offsets=heads["offsets"] if heads else None,
         )
+        unit = dict(sweep=self.sweep, unit_key=key, model=lm.model_id, dtype=params["dtype"],
+                    T=params["prompt"]["T"], n_layers=lm.n_layers)
         check_finite(table)
-        return add_unit_columns(table, sweep=self.sweep, unit_key=key, model=lm.model_id,
-                                dtype=params["dtype"], T=params["prompt"]["T"],
-                                n_layers=lm.n_layers)
+        if head_table is not None:
+            check_finite(head_table)
+            head_table = add_unit_columns(head_table, **unit, schema=HEAD_SHARD_SCHEMA)
+        return add_unit_columns(table, **unit), head_table
 
     def _run_one(self, unit: Any) -> str:
         from db.shards import write_shard
@@ -174,8 +184,8 @@ class UnitRunner:
         store = self._get_store()
         t0 = time.perf_counter()
         try:
-            table = self.compute_unit(unit.key, unit.params)
-            info = write_shard(table, self.output_dir, self.sweep, unit.key)
+            table, head_table = self.compute_unit_tables(unit.key, unit.params)
+            info = write_shard(table, self.output_dir, self.sweep, unit.key, heads=head_table)
         except Exception as exc:  # noqa: BLE001 (any failure of a unit is recorded, the sweep goes on)
             msg = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, UnisweepError):

@@ -76,6 +76,8 @@ def sweep_hash(spec: SweepSpec) -> str:
     """The hash the database holds as the sweep's spec_hash: a widened spec keeps it."""
     d = spec.model_dump(mode="json")
     ident = {k: d[k] for k in _IDENTITY_FIELDS}
+    # Heads enter the identity only when on: sweeps planned before they existed keep their hash.
+    ident["record"] = spec.record.key_params(spec.prompts.T)
     ident["prompts"] = {k: d["prompts"][k] for k in _PROMPT_IDENTITY}
     ident["method_version"] = METHOD_VERSION
     return sha256_hex(canonical_json(ident).encode())
@@ -134,7 +136,7 @@ def _signature_parts(spec: SweepSpec, meta: ModelMeta, dtype: str) -> tuple[dict
         "dtype": dtype,
         "prompt": prompt,
         "directions": directions,
-        "record": {"layers": spec.record.layers, "positions": spec.record.positions},
+        "record": spec.record.key_params(p.T),
     }
     run = {"model": meta.name, "model_id": meta.model_id, "n_layers": meta.n_layers,
            "directions_file": d.file, "text_file": p.text_file}

@@ -114,10 +114,41 @@ class DirectionSpec(_Strict):
 
 
 class RecordSpec(_Strict):
-    """Which response levels l and positions i to keep (None: all l >= lp, all i >= j)."""
+    """Which response levels l and positions i to keep (None: all l >= lp, all i >= j).
+
+    `heads: true` also records per-head responses (a head_responses table per unit) at the
+    offsets i - j that matter: 0, 1..3, T-1, T, plus `head_offsets` ('all': every i >= j).
+    """
 
     layers: list[int] | None = None
     positions: list[int] | None = None
+    heads: bool = False
+    head_offsets: list[int] | Literal["all"] | None = None
+
+    @model_validator(mode="after")
+    def _offsets_need_heads(self) -> RecordSpec:
+        if self.head_offsets is not None and not self.heads:
+            raise ValueError("record.head_offsets is given but record.heads is false")
+        if isinstance(self.head_offsets, list) and (
+                not self.head_offsets or min(self.head_offsets) < 0):
+            raise ValueError("record.head_offsets: a non-empty list of offsets i - j >= 0, or 'all'")
+        return self
+
+    def head_offset_list(self, T: int) -> list[int] | None:
+        """The offsets i - j kept for heads (None: all); only meaningful with heads on."""
+        from tasks.heads import default_offsets
+
+        if self.head_offsets == "all":
+            return None
+        return sorted(set(default_offsets(T)) | set(self.head_offsets or []))
+
+    def key_params(self, T: int) -> dict[str, Any]:
+        """What of `record` enters a unit's key; heads only when on, so that sweeps without
+        them keep the keys they always had."""
+        out: dict[str, Any] = {"layers": self.layers, "positions": self.positions}
+        if self.heads:
+            out["heads"] = {"offsets": self.head_offset_list(T)}
+        return out
 
     @field_validator("layers", "positions")
     @classmethod
@@ -164,15 +195,24 @@ class SweepSpec(_Strict):
     prompts: PromptSpec
     layers: list[int] | Literal["all"] = Field(description="perturbation layers lp")
     positions: list[int] | PositionRange | Literal["copy1", "copy2", "all"] = "copy1"
+    # Before eps: an empty eps list is valid only with the linear response on.
+    linear: bool = True
     eps: list[float] | LogEps
     directions: DirectionSpec = DirectionSpec()
-    linear: bool = True
     record: RecordSpec = RecordSpec()
     cells_per_unit: int = Field(default=256, ge=1, le=10_000_000)
     resources: Resources = Resources()
     lease: LeaseSpec = LeaseSpec()
     output: str = "unisweep-out"
     database: str | None = None
+
+    @model_validator(mode="after")
+    def _head_offsets_fit_prompt(self) -> SweepSpec:
+        if isinstance(self.record.head_offsets, list):
+            n = 2 * self.prompts.T + 1
+            if max(self.record.head_offsets) >= n:
+                raise ValueError(f"record.head_offsets: offsets i - j in 0..{n - 1} (2T+1 = {n})")
+        return self
 
     @field_validator("layers")
     @classmethod
@@ -201,10 +241,11 @@ class SweepSpec(_Strict):
 
     @field_validator("eps")
     @classmethod
-    def _eps(cls, v: Any) -> Any:
+    def _eps(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, list):
-            if not v:
-                raise ValueError("must be a non-empty list of eps > 0 or {start, stop, per_decade}")
+            if not v and not info.data.get("linear", True):
+                raise ValueError("a non-empty list of eps > 0 or {start, stop, per_decade} "
+                                 "(an empty list only with linear: true)")
             for x in v:
                 if not (math.isfinite(x) and x > 0):
                     raise ValueError(f"every eps must be finite and > 0, got {x}")

@@ -16,10 +16,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import DynamicCache
 
-from tasks.heads import HeadRecorder, kept_positions
+from tasks.heads import HeadRecorder, attention_patterns, kept_positions
+from tasks.layout import HEAD_ENGINE_SCHEMA
 from tasks.models import LoadedModel
 from tasks.prompts import Prompt
-from tasks.validation import check_grid
+from tasks.validation import check_grid, check_offsets
 
 # Rows per forward pass on the CPU; callers (the GPU path) pass a larger max_rows.
 DEFAULT_MAX_ROWS = 48
@@ -399,22 +400,49 @@ def compute_responses(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[
 
     Validates all arguments before any compute. Prompts of equal length share passes.
     """
-    from tasks.tabulate import concat_tables, responses_to_table
+    return compute_tables(lm, prompts, lps, positions, eps, directions, linear, record_layers,
+                          record_positions, max_rows, kl)[0]
+
+
+def compute_tables(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[int],
+                   positions: Sequence[int], eps: Sequence[float], directions: torch.Tensor,
+                   linear: bool = False, record_layers: Sequence[int] | None = None,
+                   record_positions: Sequence[int] | None = None,
+                   max_rows: int = DEFAULT_MAX_ROWS, kl: bool = True, heads: bool = False,
+                   head_offsets: Sequence[int] | None = None):
+    """(responses, head_responses) tables of the grid; head_responses is None unless `heads`.
+
+    Per-head rows are kept at offsets i - j in head_offsets (None: every i >= j) and carry
+    the clean attention weight of their head from i to j (tasks.heads).
+    """
+    from tasks.tabulate import concat_tables, heads_to_table, responses_to_table
 
     grid = check_grid(lm, prompts, lps, positions, eps, directions, record_layers,
-                      record_positions, max_rows)
-    tables = []
+                      record_positions, max_rows, linear=linear)
+    if heads and head_offsets is not None:
+        head_offsets = check_offsets(head_offsets, min(p.n for p in prompts))
+    tables, head_tables = [], []
     for group in grid.prompt_groups():
         ids = torch.stack([p.input_ids for p in group]).to(lm.device)
         clean = clean_pass(lm, ids, grid.lps)
+        patterns = attention_patterns(lm, ids) if heads else None
         for lp in grid.lps:
             for j in grid.positions:
                 for e_chunk, d_chunk in grid.cell_chunks(len(group)):
                     res = perturb_group(lm, clean, lp, j, grid.eps[e_chunk],
-                                        grid.directions[d_chunk], kl=kl)
+                                        grid.directions[d_chunk], kl=kl, heads=heads,
+                                        head_offsets=head_offsets)
                     tables.append(responses_to_table(res, group, grid, e_chunk, d_chunk))
+                    if heads:
+                        head_tables.append(heads_to_table(res, group, grid, e_chunk, d_chunk,
+                                                          patterns))
                 if linear:
                     for d_chunk in grid.direction_chunks(len(group)):
-                        res = linear_group(lm, clean, lp, j, grid.directions[d_chunk], kl=kl)
+                        res = linear_group(lm, clean, lp, j, grid.directions[d_chunk], kl=kl,
+                                           heads=heads, head_offsets=head_offsets)
                         tables.append(responses_to_table(res, group, grid, None, d_chunk))
-    return concat_tables(tables)
+                        if heads:
+                            head_tables.append(heads_to_table(res, group, grid, None, d_chunk,
+                                                              patterns))
+    head_table = concat_tables(head_tables, HEAD_ENGINE_SCHEMA) if heads else None
+    return concat_tables(tables), head_table

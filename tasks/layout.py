@@ -1,4 +1,5 @@
-"""The long-format layout of response rows: one row per (prompt, lp, j, eps, direction, l, i).
+"""The long-format layouts of a unit's tables: responses (one row per prompt, lp, j, eps,
+direction, l, i) and, when recorded, head_responses (the same keys plus the head).
 
 Shared contract between the engine (which fills it), the shard writer in db/ and analysis/.
 """
@@ -46,3 +47,22 @@ UNIT_FIELDS: list[pa.Field] = [
 
 ENGINE_SCHEMA = pa.schema(ENGINE_FIELDS)
 SHARD_SCHEMA = pa.schema(UNIT_FIELDS + ENGINE_FIELDS)
+
+# Per-head responses (spec `record: {heads: true}`): a second table per unit, one row per
+# (prompt, lp, j, eps, direction, l, head, i), kept only at the offsets i - j the spec asks
+# for (by default 0, 1..3, T-1, T; tasks.heads.default_offsets).
+HEAD_ENGINE_FIELDS: list[pa.Field] = [
+    *(f for f in ENGINE_FIELDS if f.name in ("prompt_id", "prompt_kind", "lp", "j", "eps",
+                                             "direction", "l")),
+    pa.field("head", pa.int16(), nullable=False),  # attention head of block l (query head)
+    pa.field("i", pa.int32(), nullable=False),
+    # ||W_O,h (z~_h(i) - z_h(i))|| / ||x_l(i)||: the change of what head h of block l adds to
+    # the residual stream (z_h: its slice of the attention output projection's input).
+    # For linear rows (eps NULL): the limit r_head / eps.
+    pa.field("r_head", pa.float32(), nullable=False),
+    # The clean attention weight head h of block l gives query i on key j (independent of the
+    # perturbation): at i - j = T-1 the classic induction pattern, at 1 the previous token.
+    pa.field("attn", pa.float32(), nullable=False),
+]
+HEAD_ENGINE_SCHEMA = pa.schema(HEAD_ENGINE_FIELDS)
+HEAD_SHARD_SCHEMA = pa.schema(UNIT_FIELDS + HEAD_ENGINE_FIELDS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from tasks.layout import ENGINE_SCHEMA
+from tasks.layout import ENGINE_SCHEMA, HEAD_ENGINE_SCHEMA
 
 
 def responses_to_table(res, group, grid, e_chunk: slice | None, d_chunk: slice) -> pa.Table:
@@ -20,9 +20,7 @@ def responses_to_table(res, group, grid, e_chunk: slice | None, d_chunk: slice) 
         eps_vals = np.array([np.nan])
     else:
         eps_vals = grid.eps[e_chunk].numpy()
-    # Cells are eps-major: c = e * D_chunk + d.
-    cell_eps = np.repeat(eps_vals, len(dir_idx))
-    cell_dir = np.tile(dir_idx, len(eps_vals))
+    cell_eps, cell_dir = _cells(eps_vals, dir_idx)
     assert len(cell_eps) == C, (len(cell_eps), C)
     levels = np.arange(res.l0, res.l0 + n_lv, dtype=np.int16)
     pos = np.arange(res.i0, res.i0 + s, dtype=np.int32)
@@ -73,7 +71,56 @@ def responses_to_table(res, group, grid, e_chunk: slice | None, d_chunk: slice) 
     return pa.table(cols, schema=ENGINE_SCHEMA)
 
 
-def concat_tables(tables: list[pa.Table]) -> pa.Table:
+def _cells(eps_vals: np.ndarray, dir_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Cells are eps-major: c = e * D_chunk + d.
+    return np.repeat(eps_vals, len(dir_idx)), np.tile(dir_idx, len(eps_vals))
+
+
+def heads_to_table(res, group, grid, e_chunk: slice | None, d_chunk: slice,
+                   patterns) -> pa.Table:
+    """Per-head rows of one Responses block (tasks.layout.HEAD_ENGINE_SCHEMA).
+
+    `patterns` [L, G, H, n, n] holds the group's clean attention weights; each row carries
+    the weight its head gives query i on key j.
+    """
+    r = res.r_head.float().cpu().numpy()  # [G, C, blocks, H, k]
+    G, C, n_blk, H, k = r.shape
+    dir_idx = np.arange(d_chunk.start, d_chunk.stop, dtype=np.int32)
+    eps_vals = np.array([np.nan]) if e_chunk is None else grid.eps[e_chunk].numpy()
+    cell_eps, cell_dir = _cells(eps_vals, dir_idx)
+    levels = np.arange(res.l0, res.l0 + n_blk, dtype=np.int16)
+    pos = res.head_i.numpy().astype(np.int32)
+    keep_l = levels >= res.lp
+    if grid.record_layers is not None:
+        keep_l &= np.isin(levels, list(grid.record_layers))
+    keep_i = pos >= res.j
+    if grid.record_positions is not None:
+        keep_i &= np.isin(pos, list(grid.record_positions))
+    g_ix, c_ix, l_ix, h_ix, i_ix = np.meshgrid(np.arange(G), np.arange(C), np.arange(n_blk),
+                                               np.arange(H), np.arange(k), indexing="ij")
+    mask = keep_l[l_ix] & keep_i[i_ix]
+    g_ix, c_ix, l_ix, h_ix, i_ix = (a[mask] for a in (g_ix, c_ix, l_ix, h_ix, i_ix))
+    attn = patterns.float().cpu().numpy()[levels[l_ix], g_ix, h_ix, pos[i_ix], res.j]
+    prompts = np.array([p.id for p in group], dtype=np.int32)
+    kinds = np.array([p.kind for p in group], dtype=object)
+    eps_col = cell_eps[c_ix]
+    cols = {
+        "prompt_id": prompts[g_ix],
+        "prompt_kind": kinds[g_ix],
+        "lp": np.full(len(g_ix), res.lp, dtype=np.int16),
+        "j": np.full(len(g_ix), res.j, dtype=np.int32),
+        "eps": pa.array(eps_col, type=pa.float64(), mask=np.isnan(eps_col)),
+        "direction": cell_dir[c_ix],
+        "l": levels[l_ix],
+        "head": h_ix.astype(np.int16),
+        "i": pos[i_ix],
+        "r_head": r[g_ix, c_ix, l_ix, h_ix, i_ix],
+        "attn": attn,
+    }
+    return pa.table(cols, schema=HEAD_ENGINE_SCHEMA)
+
+
+def concat_tables(tables: list[pa.Table], schema: pa.Schema = ENGINE_SCHEMA) -> pa.Table:
     if not tables:
-        return ENGINE_SCHEMA.empty_table()
+        return schema.empty_table()
     return pa.concat_tables(tables)

@@ -70,8 +70,14 @@ def _int_list(name: str, values, lo: int, hi: int, what: str) -> list[int]:
     return sorted(set(out))
 
 
+def check_offsets(offsets, n: int) -> list[int]:
+    """Offsets i - j for per-head rows: integers in [0, n-1]."""
+    return _int_list("record.head_offsets", offsets, 0, n - 1, f"offsets i - j in a prompt of {n}")
+
+
 def check_grid(lm, prompts: Sequence, lps, positions, eps, directions, record_layers,
-               record_positions, max_rows: int) -> Grid:
+               record_positions, max_rows: int, linear: bool = False) -> Grid:
+    """The grid, checked. eps may be empty only with linear (the exact limit alone)."""
     L = lm.n_layers
     if not prompts:
         raise InvalidInput("prompts", "a non-empty list of prompts", prompts)
@@ -86,7 +92,7 @@ def check_grid(lm, prompts: Sequence, lps, positions, eps, directions, record_la
         eps_t = torch.as_tensor(list(eps), dtype=torch.float64)
     except (TypeError, ValueError) as exc:
         raise InvalidInput("eps", "a non-empty list of finite numbers > 0", eps) from exc
-    if eps_t.numel() == 0 or eps_t.ndim != 1:
+    if (eps_t.numel() == 0 and not linear) or eps_t.ndim != 1:
         raise InvalidInput("eps", "a non-empty list of finite numbers > 0", list(eps))
     bad = [float(e) for e in eps_t if not (math.isfinite(float(e)) and float(e) > 0)]
     if bad:
