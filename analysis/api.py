@@ -1,11 +1,12 @@
 """The Python API of the analysis layer: load a sweep, then ask for Polars DataFrames.
 
-    from analysis.api import load_sweep, universality, emergence, sections
+    from analysis.api import load_sweep, universality, emergence, sections, heads
 """
 
 from __future__ import annotations
 
 from analysis.emergence import chi_map, emergence, induction_scores
+from analysis.heads import head_agreement, heads
 from analysis.report import build_report
 from analysis.sections import sections
 from analysis.source import SweepData, from_shards, load_sweep
@@ -20,6 +21,8 @@ __all__ = [
     "chi_map",
     "emergence",
     "from_shards",
+    "head_agreement",
+    "heads",
     "induction_scores",
     "load_sweep",
     "sections",

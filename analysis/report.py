@@ -15,6 +15,7 @@ import polars as pl
 
 from analysis import plots
 from analysis.emergence import chi_map, emergence, induction_scores
+from analysis.heads import heads_section
 from analysis.sections import sections
 from analysis.source import SweepData
 from analysis.universality import GROUP, chi_curves, universality
@@ -93,6 +94,8 @@ def build_report(data: SweepData, out_dir: str | Path, *, tol: float = 0.05,
                               f"vs control prompts ({eps_txt})."))
     for model, cur in sorted(curves.partition_by("model", as_dict=True).items()):
         model = model[0] if isinstance(model, tuple) else model
+        if cur["eps"].null_count() == len(cur):
+            continue  # a linear-only sweep has no chi(eps) curve to collapse
         name = f"collapse_normalized_{_slug(model)}.png"
         plots.normalized_collapse(cur, out / name, f"{model}: every (lp, l, offset, prompt "
                                   "kind) curve over its linear response", tol)
@@ -111,6 +114,9 @@ def build_report(data: SweepData, out_dir: str | Path, *, tol: float = 0.05,
         figures.append(("sections.png", "Per block: attention and MLP output change on the "
                         "stripes (solid) vs the same offsets on control prompts (hatched); "
                         "dotted: the first blocks that carry the stripe."))
+
+    head_tables, head_figures = heads_section(data, out, eps_sel, threshold, _slug)
+    figures += head_figures
 
     # Tables: full CSVs, and short summaries in the page.
     uni.write_csv(out / "universality.csv")
@@ -133,7 +139,7 @@ def build_report(data: SweepData, out_dir: str | Path, *, tol: float = 0.05,
                .sort("model", "dtype", "lp"))
     tables = [("Universal regime (median over layers and lp; groups with chi > 0)", summary),
               ("Emergence of induction", em_tab),
-              ("Sections: first blocks carrying the stripe", sec_tab)]
+              ("Sections: first blocks carrying the stripe", sec_tab), *head_tables]
     title = f"unisweep report: {data.sweep or 'sweep'}"
     meta = (f"{n_rows:,} response rows from {len(data.shard_paths)} shards; tolerance "
             f"{tol:.0%}; threshold {threshold:g}; {eps_txt}; written "

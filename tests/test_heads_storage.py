@@ -118,3 +118,18 @@ def test_heads_view(sweep):
                        WHERE r.eps IS NULL AND h.eps IS NULL""").fetchall()[0][0]
     assert both == total
     assert np.isfinite(data.sql("SELECT sum(attn) FROM heads").fetchall()[0][0])
+
+
+def test_report_of_a_linear_only_heads_sweep(sweep, tmp_path):
+    from analysis.api import build_report, head_agreement, heads
+
+    _, _, db_url, _ = sweep
+    data = load_sweep("hs", db=db_url)
+    scores = heads(data)
+    assert len(scores) == (4 - 1) * 4  # blocks 1..3 x 4 heads (lp = 1)
+    agree = head_agreement(scores, data)
+    assert agree["heads"].to_list() == [12]
+    index = build_report(data, tmp_path / "report")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert index.is_file() and "Heads: response-based vs attention-pattern scores" in md
+    assert any(p.name.startswith("heads_") for p in (tmp_path / "report").glob("*.png"))
