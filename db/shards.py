@@ -101,11 +101,17 @@ def write_shard(
     name = f"{unit_key}.{secrets.token_hex(4)}{SUFFIX}"
     final = folder / name
     tmp = folder / f".{name}{TMP_SUFFIX}"  # hidden: no glob for *.parquet ever sees it
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        # A full or read-only disk, or an interrupt: a torn temporary would only fill the
+        # disk further (and every retry would leave one more).
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(folder)
     size = final.stat().st_size
     return ShardInfo(path=str(final.resolve()), rows=table.num_rows, bytes=size, sha256=sha256_file(final))
