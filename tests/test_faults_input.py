@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from pathlib import Path
 
@@ -330,3 +331,64 @@ def test_failed_shard_write_leaves_no_temporary(tmp_path: Path, monkeypatch: pyt
             shards_mod.write_shard(_rows("k1"), tmp_path, "s", "k1")
     left = shards_mod.shard_files(tmp_path, "s")
     assert left == [], left
+
+
+# ---- corrupted shards (item 5) ---------------------------------------------------------------------
+
+
+def _flip_bit(path: str, offset: int) -> None:
+    data = bytearray(Path(path).read_bytes())
+    data[offset] ^= 0x01
+    st = os.stat(path)
+    Path(path).write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size and mtime as before
+
+
+def test_corrupted_shard_never_read(db_url: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(shards_mod, "_VERIFIED", set())
+    store = store_mod.connect(db_url)
+    store.create_sweep("c", {"demo": True}, "hash-c", str(tmp_path / "runs"))
+    store.add_units("c", [store_mod.UnitSpec(k, "g", {"k": k}, 1) for k in ("u0", "u1")])
+    store.lease("w", 2, 60.0, sweep_id="c")
+    infos = {}
+    for k in ("u0", "u1"):
+        infos[k] = shards_mod.write_shard(_rows(k, n=200), tmp_path / "runs", "c", k)
+        store.complete(k, "w", infos[k])
+    store.close()
+    hashed: list[str] = []
+    real_sha = shards_mod.sha256_file
+    monkeypatch.setattr(shards_mod, "sha256_file", lambda p, *a: hashed.append(str(p)) or real_sha(p, *a))
+    code, out, err = _run(capsys, "query", "SELECT sum(r) AS s FROM responses", "--db", db_url, "-f", "json")
+    assert code == 0, err
+    good_sum = json.loads(out)[0]["s"]
+    assert sorted(hashed) == sorted(i.path for i in infos.values())
+    # Second read: both shards known by (path, size, mtime): nothing hashed again.
+    hashed.clear()
+    monkeypatch.setattr(shards_mod, "_VERIFIED", set())  # a new process: only the cache file
+    code, out, _ = _run(capsys, "query", "SELECT sum(r) AS s FROM responses", "--db", db_url, "-f", "json")
+    assert code == 0 and json.loads(out)[0]["s"] == good_sum and hashed == []
+    # One bit flipped in a data page, the file rewritten with its old mtime: still caught
+    # when the cache is cold, and (mtime changed) whenever the file was rewritten normally.
+    size = infos["u1"].bytes
+    for restore_mtime in (False, True):
+        monkeypatch.setattr(shards_mod, "_VERIFIED", set())
+        if restore_mtime:
+            (tmp_path / "cache").joinpath("unisweep", "verified-shards.sqlite").unlink()
+            _flip_bit(infos["u1"].path, size // 3)
+        else:
+            data = bytearray(Path(infos["u1"].path).read_bytes())
+            data[size // 3] ^= 0x01
+            time.sleep(0.01)
+            Path(infos["u1"].path).write_bytes(bytes(data))
+        for argv in (("query", "SELECT sum(r) AS s FROM responses"), ("report", "c", "-o", str(tmp_path / "rep"))):
+            code, out, err = _run(capsys, *argv, "--db", db_url)
+            _one_line_error(code, err, "1 of 2 done shards do not match", "sha256")
+            assert "s" not in out.strip()
+        if not restore_mtime:  # flip it back for the second round
+            data[size // 3] ^= 0x01
+            Path(infos["u1"].path).write_bytes(bytes(data))
+    # A missing shard: the same refusal, naming it.
+    Path(infos["u0"].path).unlink()
+    code, _, err = _run(capsys, "query", "SELECT 1", "--db", db_url)
+    _one_line_error(code, err, "missing")
