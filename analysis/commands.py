@@ -6,7 +6,6 @@ Both open a sweep from the result database (--db URL, else UNISWEEP_DB, else --o
 from __future__ import annotations
 
 import json
-import os
 import sys
 from enum import Enum
 from pathlib import Path
