@@ -7,24 +7,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import polars as pl
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
-matplotlib.use("Agg")  # files only, never a window
+from analysis.views import OFFSET_CLASSES
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
-
-from analysis.views import OFFSET_CLASSES  # noqa: E402
+# Figures are built as matplotlib.figure.Figure objects, never through pyplot: no backend
+# is selected or switched, so importing this module leaves a notebook's inline figures alone.
 
 CHI_LABEL = r"$\chi = R/\varepsilon$  (relative change per unit $\varepsilon$)"
 EPS_LABEL = r"perturbation strength $\varepsilon$ (relative to $\|x_{l_p}(j)\|$)"
 _DTYPE_STYLE = {"float32": "-", "float64": ":", "bfloat16": "--", "float16": "-."}
 
 
-def _plain_log_y(ax: plt.Axes) -> None:
+def _plain_log_y(ax: Axes) -> None:
     """Log y axis with plain numbers (0.2, 1, 5) instead of 2x10^-1; a range of less than
     a factor 5 stays linear, where a log axis would show almost no labelled ticks."""
     lo, hi = ax.get_ylim()
@@ -45,9 +48,14 @@ def _plain_log_y(ax: plt.Axes) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(minor))
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize, constrained_layout: bool = False,
+              **kw) -> tuple[Figure, object]:
+    fig = Figure(figsize=figsize, layout="constrained" if constrained_layout else None)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -56,8 +64,8 @@ def collapse_curves(curves: pl.DataFrame, plateaus: pl.DataFrame, layers: list[i
     """chi vs eps for each offset class (one panel each) and a few layers: the plateau
     shaded in the layer's colour, the exact linear response as a dashed line."""
     classes = [c for c in OFFSET_CLASSES if c in set(curves["offset_class"])]
-    fig, axes = plt.subplots(1, len(classes), figsize=(3.6 * len(classes), 3.6), squeeze=False)
-    colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(layers), 1)))
+    fig, axes = _subplots(1, len(classes), figsize=(3.6 * len(classes), 3.6), squeeze=False)
+    colors = colormaps['viridis'](np.linspace(0, 0.9, max(len(layers), 1)))
     for ax, cls in zip(axes[0], classes, strict=True):
         for color, layer in zip(colors, layers, strict=False):
             c = curves.filter((pl.col("offset_class") == cls) & (pl.col("l") == layer))
@@ -82,8 +90,8 @@ def collapse_curves(curves: pl.DataFrame, plateaus: pl.DataFrame, layers: list[i
         ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel(CHI_LABEL, fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    handles += [plt.Line2D([], [], color="grey", ls="--"),
-                plt.Line2D([], [], color="grey", lw=7, alpha=0.3)]
+    handles += [Line2D([], [], color="grey", ls="--"),
+                Line2D([], [], color="grey", lw=7, alpha=0.3)]
     labels += ["linear response (jvp)", "plateau (within tol of its median)"]
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
                bbox_to_anchor=(0.5, 1.08))
@@ -101,7 +109,7 @@ def normalized_collapse(curves: pl.DataFrame, path: Path, title: str, tol: float
          .with_columns(norm=pl.col("chi") / pl.coalesce("lin", "med"))
          .filter(pl.col("eps").is_not_null() & pl.col("norm").is_finite() & (pl.col("norm") > 0)))
     dtypes = sorted(set(c["dtype"]))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(max(7, 5 * len(dtypes)), 4.2),
+    fig, axes = _subplots(1, len(dtypes), figsize=(max(7, 5 * len(dtypes)), 4.2),
                              squeeze=False, sharey=True, constrained_layout=True)
     for ax, dtype in zip(axes[0], dtypes, strict=True):
         sub = c.filter(pl.col("dtype") == dtype)
@@ -136,7 +144,7 @@ def chi_maps(maps: dict[tuple[str, int], pl.DataFrame], T: int, path: Path, titl
     norm = LogNorm(vmin=max(pos.min(), pos.max() * 1e-4), vmax=pos.max()) if len(pos) else None
     n = 2 * T + 1
     width = 1.2 + 0.16 * len(js)
-    fig, axes = plt.subplots(len(kinds), len(layers),
+    fig, axes = _subplots(len(kinds), len(layers),
                              figsize=(max(2.6, width) * len(layers) + 1.2, 3.4 * len(kinds)),
                              squeeze=False, constrained_layout=True)
     im = None
@@ -153,7 +161,7 @@ def chi_maps(maps: dict[tuple[str, int], pl.DataFrame], T: int, path: Path, titl
             for k, j in enumerate(js):
                 for i in (j + T - 1, j + T):
                     if 1 <= j <= T and i < n:
-                        ax.add_patch(plt.Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False,
+                        ax.add_patch(Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False,
                                                    ec="white", lw=0.9))
             ax.set_title(f"{kind}, l = {layer}", fontsize=9)
             ax.set_xticks(range(len(js)), [str(j) for j in js], fontsize=7)
@@ -170,9 +178,9 @@ def chi_maps(maps: dict[tuple[str, int], pl.DataFrame], T: int, path: Path, titl
 def induction_vs_depth(scores: pl.DataFrame, path: Path, threshold: float, title: str) -> Path:
     """Induction score vs normalised depth l / L, one line per (model, dtype); emergence
     layers marked by a vertical dotted line."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = _subplots(figsize=(7, 4.2))
     models = sorted(set(scores["model"]))
-    colors = dict(zip(models, plt.cm.tab10(np.arange(len(models))), strict=True))
+    colors = dict(zip(models, colormaps['tab10'](np.arange(len(models))), strict=True))
     for (model, dtype), part in sorted(scores.partition_by(["model", "dtype"], as_dict=True)
                                        .items()):
         part = part.filter(pl.col("score").is_not_null() & (pl.col("score") > 0)).sort("l")
@@ -201,7 +209,7 @@ def section_bars(sec: pl.DataFrame, path: Path, title: str) -> Path:
     """Per block: attention and MLP chi on the stripes (repeat prompts, solid) and at the
     same offsets on control prompts (hatched), one panel per (model, dtype)."""
     parts = sorted(sec.partition_by(["model", "dtype"], as_dict=True).items())
-    fig, axes = plt.subplots(len(parts), 1, figsize=(10, 3.2 * len(parts)), squeeze=False)
+    fig, axes = _subplots(len(parts), 1, figsize=(10, 3.2 * len(parts)), squeeze=False)
     w = 0.2
     for ax, ((model, dtype), p) in zip(axes[:, 0], parts, strict=True):
         p = p.sort("l")

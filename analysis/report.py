@@ -40,7 +40,8 @@ def _default_layers(n_layers: int, lp: int, emergence_layer: int | None) -> list
 
 
 def build_report(data: SweepData, out_dir: str | Path, *, tol: float = 0.05,
-                 threshold: float = 2.0, layers: Sequence[int] | None = None) -> Path:
+                 threshold: float = 2.0, min_layers: int = 3,
+                 layers: Sequence[int] | None = None) -> Path:
     """Write the report of `data` into `out_dir`; return the path of index.html."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -53,14 +54,14 @@ def build_report(data: SweepData, out_dir: str | Path, *, tol: float = 0.05,
     uni = universality(data, tol)
     curves = chi_curves(data).with_columns(gkey=pl.concat_str(GROUP, separator="|"))
     eps_sel = _pick_eps(curves)
-    scores = induction_scores(data, threshold)
+    scores = induction_scores(data, threshold, min_layers)
     sel = pl.col("eps").is_null() if eps_sel is None else pl.col("eps") == eps_sel
     scores_sel = scores.filter(sel)
     # One lp per (model, dtype) in the figures: the lowest, where the stripes have room to form.
     low_lp = scores_sel.group_by("model", "dtype").agg(pl.col("lp").min())
     scores_fig = scores_sel.join(low_lp, on=["model", "dtype", "lp"])
-    em = emergence(data, threshold).filter(sel)
-    sec = sections(data, threshold).filter(sel)
+    em = emergence(data, threshold, min_layers).filter(sel)
+    sec = sections(data, threshold, min_layers).filter(sel)
     eps_txt = "linear response (eps -> 0, jvp)" if eps_sel is None else f"eps = {eps_sel:.3g}"
 
     figures: list[tuple[str, str]] = []  # (file name, caption)
@@ -126,7 +127,8 @@ def build_report(data: SweepData, out_dir: str | Path, *, tol: float = 0.05,
                     pl.col("collapse").mean().alias("mean_collapse"))
                .sort("model", "dtype", "offset_class"))
     em_tab = em.select("model", "dtype", "T", "lp", "n_layers", "emergence_layer",
-                       "emergence_depth", "max_score", "max_score_layer")
+                       "emergence_depth", "emergence_status", "peak_score", "peak_layer",
+                       "half_rise_depth")
     sec_tab = (sec.group_by("model", "dtype", "lp")
                .agg(pl.col("first_attn_block").first(), pl.col("first_mlp_block").first(),
                     pl.col("attn_share").mean().alias("mean_attn_share"))
