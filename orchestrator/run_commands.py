@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
         sweep_spec = load_spec(spec)
         store, the_plan, added = submit(sweep_spec, db)
         console.print(f"sweep [bold]{sweep_spec.name}[/]: {len(the_plan.units)} units planned, "
-                      f"{added} new, in {store.url}", highlight=False)
+                      f"{added} new, in {store.url}", highlight=False, soft_wrap=True)
         if plan_only:
             return
         summary = Driver(store, sweep_spec.name, sweep_spec, _store_url(store, db, sweep_spec),
