@@ -180,13 +180,15 @@ def test_readme_block(block: Block, workspace: Path):
     steps = console_steps(block.body)
     assert steps, f"README.md line {block.line}: a console block without `$ ` commands"
     for st in steps:
+        # stdout and stderr in one stream, in the order a terminal shows them.
         res = subprocess.run(["bash", "-c", st.command], cwd=workspace, env=_env(),
-                             capture_output=True, text=True, timeout=1800)
-        out = res.stdout + res.stderr
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             timeout=1800)
+        out = res.stdout
         if RECORD:
             with open(RECORD, "a") as fh:
                 fh.write(f"\n### line {block.line} [exit {res.returncode}]\n$ {st.command}\n"
-                         f"{res.stdout}{res.stderr}")
+                         f"{out}")
         where = f"README.md line {block.line}: $ {st.command}"
         assert res.returncode == st.exit_code, f"{where}\nexit {res.returncode}\n{out}"
         problem = shape_mismatch(st.expected, out)
