@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 EXECUTED = {"bash", "console"}
 LABELLED = EXECUTED | {"text", "yaml", "python", "sql", "toml", "json", "ini"}
-pytestmark = pytest.mark.slow  # the README runs the quickstart sweep on real weights
 
 
 @dataclass
@@ -98,13 +97,14 @@ def console_steps(body: list[str]) -> list[Step]:
     return steps
 
 
+_DURATION = re.compile(r"\b\d+(h\d+m\d+s|m\d+s|s)\b")  # 1h02m03s, 6m19s, 0s
 _NUM = re.compile(r"(?<![A-Za-z_])[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?")
 _RULE = re.compile(r"([─━═┄┅╌╍-])\1+")
 
 
 def normalise(line: str) -> str:
     """A line's shape: numbers -> #, runs of rule characters and spaces -> one."""
-    s = _NUM.sub("#", line.rstrip())
+    s = _NUM.sub("#", _DURATION.sub("#", line.rstrip()))
     s = _RULE.sub(r"\1", s)
     s = re.sub(r"#(\s*#)+", "#", s)  # 4.3e-05 / 0:01:06 / 2026-11-27 11:55 -> one number
     return re.sub(r"\s+", " ", s).strip()
@@ -159,6 +159,7 @@ RECORD = os.environ.get("UNISWEEP_README_RECORD")  # a file: write every real ou
 
 
 def test_every_fence_is_labelled():
+    """Cheap, so not `slow`: helpers running `-m "not slow"` learn of an unlabelled fence."""
     bad = [b.line for b in BLOCKS if b.info not in LABELLED]
     assert not bad, (f"README.md fences at lines {bad} need an info string: console or bash "
                      "(executed by this test), or text/yaml/python/sql (not executed)")
@@ -168,6 +169,7 @@ def test_every_fence_is_labelled():
                 f"README.md line {b.line}: a ```text block of commands says why it is not run")
 
 
+@pytest.mark.slow  # the README runs the quickstart sweep on real weights
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.info in EXECUTED],
                          ids=lambda b: f"line{b.line}-{b.info}")
 def test_readme_block(block: Block, workspace: Path):
@@ -195,6 +197,7 @@ def test_readme_block(block: Block, workspace: Path):
         assert problem is None, f"{where}\n{problem}\n--- real output ---\n{out}"
 
 
+@pytest.mark.slow
 def test_quickstart_emergence(workspace: Path):
     """The emergence rule on the quickstart's SmolLM2 data: stripes emerge early and stay."""
     import polars as pl
@@ -216,3 +219,20 @@ def test_quickstart_emergence(workspace: Path):
     lp15 = rows[15]
     assert (lp15["emergence_status"], lp15["emergence_layer"]) == ("sustained", 18)
     assert lp15["peak_layer"] == 19
+
+
+def test_shape_comparison_accepts_other_numbers_and_refuses_other_words():
+    expected = ["┏━━━━┳━━━━━━━━━━━━━┓", "┃ l  ┃ prompt_kind ┃", "│ 15 │ control     │",
+                "...", "cells 160/160 (100.0%)  cells/s 2.48  ETA 0s  compute 1m00s",
+                "in sqlite:////.../runs/unisweep.db"]
+    actual = ("noise first\n┏━━━━━┳━━━━━━━━━━━━━┓\n┃ l   ┃ prompt_kind ┃\n│ 150 │ control     │\n"
+              "│ 151 │ repeat      │\ncells 40/160 (25.0%)  cells/s 0.27  ETA 4m13s  compute "
+              "6m19s\nin sqlite:////tmp/x/runs/unisweep.db\n")
+    assert shape_mismatch(expected, actual) is None
+    assert "control" in shape_mismatch(["│ 15 │ controls │"], actual)
+    # Order counts: a line found only before the previous match is missing.
+    assert shape_mismatch(["│ 1 │ repeat │", "│ 1 │ control │"], actual) is not None
+    steps = console_steps(['$ unisweep query "SELECT 1', '    FROM t" --format csv', '"1"',
+                           '$ false', '[exit 1]'])
+    assert [(s.command.count("\n"), s.expected, s.exit_code) for s in steps] == [
+        (1, ['"1"'], 0), (0, [], 1)]
