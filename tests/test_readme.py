@@ -170,6 +170,7 @@ def test_every_fence_is_labelled():
 
 
 @pytest.mark.slow  # the README runs the quickstart sweep on real weights
+@pytest.mark.timeout(3600)  # ~2 min idle; a machine shared by many jobs can take 10x that
 @pytest.mark.parametrize("block", [b for b in BLOCKS if b.info in EXECUTED],
                          ids=lambda b: f"line{b.line}-{b.info}")
 def test_readme_block(block: Block, workspace: Path):
