@@ -73,9 +73,9 @@ def main() -> None:
     print("| method | flush denormals | ms per call | vs before | max rel err eps 1e-5..1 |")
     print("|---|---|---|---|---|")
     results = {}
-    for flush in (False, True):
-        torch.set_flush_denormal(flush)
-        for _round in range(2):  # interleaved: every method twice per setting
+    for _round in range(3):  # interleaved: every method and setting once per round
+        for flush in (False, True):
+            torch.set_flush_denormal(flush)
             for name, fn in methods.items():
                 if name.startswith("fused"):
                     klmod._fused = fused

@@ -7,6 +7,7 @@ only after it has matched a 50-digit reference at eps 1e-5..1 on this machine.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -51,12 +52,32 @@ def _p_mean(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def _kl_small_fusable(p: torch.Tensor, dz: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same formula written as reductions a compiler fuses into one pass over dz."""
+    """The same formula as reductions a compiler fuses into one pass over dz. Compiled code
+    computes expm1 as exp - 1 (measured: 1e-3 relative error at 1e-5), so small |x| take
+    Taylor series of g and f instead: more terms than eager could afford, no digits lost."""
     x = dz - (dz * p).sum(-1, keepdim=True)
-    g = torch.expm1(x)
-    f = x * g - (g - x)
+    small = x.abs() < _SERIES_EDGE
+    g_series = x * _horner(x, _EXPM1_COEFFS)  # expm1(x) = sum x^k / k!
+    f_series = x * x * _horner(x, _F_COEFFS)  # x e^x - expm1(x) = sum (k-1)/k! x^k, k >= 2
+    e = torch.exp(x)
+    g = torch.where(small, g_series, e - 1)
+    f = torch.where(small, f_series, x * e - (e - 1))
     G = (g * p).sum(-1)
     return (f * p).sum(-1) / (1 + G) + (G / (1 + G) - torch.log1p(G)), G
+
+
+# |x| below which the series run; 10 terms then reach float64's last digit (0.05^10 / 10!).
+_SERIES_EDGE = 0.05
+_EXPM1_COEFFS = [1 / math.factorial(k) for k in range(1, 11)]  # x^(k-1) after one x factored
+_F_COEFFS = [(k - 1) / math.factorial(k) for k in range(2, 12)]  # x^(k-2) after x^2 factored
+
+
+def _horner(x: torch.Tensor, coeffs: list[float]) -> torch.Tensor:
+    """sum_i coeffs[i] x^i."""
+    acc = torch.full_like(x, coeffs[-1])
+    for c in reversed(coeffs[:-1]):
+        acc = acc * x + c
+    return acc
 
 
 def _kl_plain(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
