@@ -6,8 +6,12 @@ are the same Polars frames the PNGs are drawn from; nothing is aggregated here.
 
 from __future__ import annotations
 
-import plotly.graph_objects as go
+from typing import TYPE_CHECKING
+
 import polars as pl
+
+if TYPE_CHECKING:  # plotly loads when a figure is drawn, not when analysis.api is imported
+    import plotly.graph_objects as go
 
 _HEIGHT = 420
 _CONFIG = {"responsive": True, "displaylogo": False, "toImageButtonOptions": {"format": "svg"}}
@@ -37,6 +41,8 @@ def _div(fig: go.Figure, div_id: str) -> str:
 
 def induction_vs_depth(scores: pl.DataFrame, threshold: float, div_id: str) -> str:
     """Induction score vs depth l / L per (model, dtype, lp); hover: layer, score, chi."""
+    import plotly.graph_objects as go
+
     fig = go.Figure()
     for (model, dtype, lp), part in sorted(scores.partition_by(["model", "dtype", "lp"],
                                                                as_dict=True).items()):
@@ -63,6 +69,8 @@ def induction_vs_depth(scores: pl.DataFrame, threshold: float, div_id: str) -> s
 
 def chi_vs_offset(offsets: pl.DataFrame, layers: list[int], T: int, div_id: str) -> str:
     """chi against i - j at the chosen layers, repeat vs control; hover: offset, chi, rows."""
+    import plotly.graph_objects as go
+
     fig = go.Figure()
     for layer in layers:
         for kind, dash in (("repeat", "solid"), ("control", "dash")):
@@ -85,6 +93,8 @@ def chi_vs_offset(offsets: pl.DataFrame, layers: list[int], T: int, div_id: str)
 
 def section_bars(sec: pl.DataFrame, div_id: str) -> str:
     """Per block: attention and MLP chi on the stripes (repeat) and on control prompts."""
+    import plotly.graph_objects as go
+
     fig = go.Figure()
     for col, name, color, opacity in (("attn_stripe", "attention, repeat", "#1f77b4", 1.0),
                                       ("attn_control", "attention, control", "#1f77b4", 0.35),
@@ -108,6 +118,8 @@ def section_bars(sec: pl.DataFrame, div_id: str) -> str:
 
 def chi_vs_eps(curves: pl.DataFrame, layers: list[int], div_id: str) -> str:
     """chi against eps per (offset class, layer); the linear response is the hover note."""
+    import plotly.graph_objects as go
+
     fig = go.Figure()
     for (cls, layer), c in sorted(curves.filter(pl.col("l").is_in(layers))
                                   .partition_by(["offset_class", "l"], as_dict=True).items()):
