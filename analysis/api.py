@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from analysis.emergence import chi_map, emergence, induction_scores
+from analysis.emergence import chi_by_offset, chi_map, emergence, find_emergence, induction_scores
 from analysis.heads import head_agreement, heads
 from analysis.report import build_report
 from analysis.sections import sections
@@ -17,9 +17,11 @@ __all__ = [
     "OFFSET_CLASSES",
     "SweepData",
     "build_report",
+    "chi_by_offset",
     "chi_curves",
     "chi_map",
     "emergence",
+    "find_emergence",
     "from_shards",
     "head_agreement",
     "heads",

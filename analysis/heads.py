@@ -64,7 +64,7 @@ def _top(df: pl.DataFrame, col: str, k: int) -> list[str]:
 
 
 def head_agreement(scores: pl.DataFrame, data: SweepData | None = None, k: int = 5,
-                   threshold: float = 2.0) -> pl.DataFrame:
+                   threshold: float = 2.0, min_layers: int | None = None) -> pl.DataFrame:
     """Per (model, dtype, T, lp, eps): Spearman rank correlation over all heads of the
     response-based and pattern-based induction scores (and previous-token scores), the top
     `k` heads by each (as "L<l>H<h>") and how many they share. With `data`, also the
@@ -89,7 +89,8 @@ def head_agreement(scores: pl.DataFrame, data: SweepData | None = None, k: int =
         ))
     out = pl.DataFrame(rows, schema_overrides={"eps": pl.Float64})
     if data is not None and len(out):
-        em = emergence(data, threshold).select(*SCORE_KEYS, "emergence_layer")
+        rule = {} if min_layers is None else {"min_layers": min_layers}
+        em = emergence(data, threshold, **rule).select(*SCORE_KEYS, "emergence_layer")
         out = out.join(em, on=SCORE_KEYS, how="left", nulls_equal=True)
     return out
 
@@ -137,22 +138,21 @@ def has_heads(data: SweepData) -> bool:
     return bool(data.sql("SELECT count(*) FROM heads").fetchall()[0][0])
 
 
-def heads_section(data: SweepData, out: Path, eps: float | None, threshold: float = 2.0,
-                  slug=lambda *p: "_".join(map(str, p))):
-    """The report's heads part: ([(title, table)], [(figure file, caption)]) for the chosen
-    eps (None: the linear response); empty when no unit recorded heads."""
+def report_parts(data: SweepData, out: Path, eps: float | None, threshold: float = 2.0,
+                 min_layers: int | None = None):
+    """What the report shows on heads, or None when no unit recorded them:
+    (scores at `eps` (None: linear response), their agreement, [(figure file, caption)])."""
     if not has_heads(data):
-        return [], []
+        return None
     scores = heads(data)
     scores = scores.filter(pl.col("eps").is_null() if eps is None else pl.col("eps") == eps)
-    agree = head_agreement(scores, data, threshold=threshold)
+    agree = head_agreement(scores, data, threshold=threshold, min_layers=min_layers)
     figures = []
     for (model, dtype, lp), g in sorted(scores.partition_by(["model", "dtype", "lp"],
                                                             as_dict=True).items()):
-        name = f"heads_{slug(model, dtype, lp)}.png"
+        name = "heads_" + "_".join(str(p) for p in (model, dtype, lp)).replace("/", "-") + ".png"
         plot_head_heatmaps(g, out / name, f"{model} {dtype}, lp = {lp}: heads")
         figures.append((name, f"Per head of {model} {dtype} (lp = {lp}): induction and "
                               "previous-token scores from the response (log colour) beside "
                               "the classic attention-pattern scores of the same prompts."))
-    scores.write_csv(out / "heads.csv")
-    return [("Heads: response-based vs attention-pattern scores", agree)], figures
+    return scores, agree, figures

@@ -1,11 +1,13 @@
 """Cost of recording per-head responses: time per cell with and without, same process.
 
-The SmolLM2 grid of bench/engine.py (T = 16, positions 1..16, 9 eps x 1 direction, 1 repeat
-prompt; lp sets [0] and [0, L/3, 2L/3]), finite eps and linear response each, runs alternated
-so that load changes hit both sides alike. Heads at the default offsets (0, 1..3, T-1, T),
-and at every offset for comparison.
+The SmolLM2 grid of bench/engine.py (T = 16, 9 eps x 1 direction, 1 repeat prompt; lp sets
+[0] and [0, L/3, 2L/3]; positions 1..16, or a subset with --positions when the machine is
+busy), finite eps and linear response each, runs alternated so that load changes hit both
+sides alike. Heads at the default offsets (0, 1..3, T-1, T), and with --all-offsets at every
+offset too. Wall time and this process's CPU time are both reported; on a shared machine
+the CPU-time ratio is the steadier one.
 
-    python bench/heads.py [--model smollm2-135m] [--T 16] [--repeats 3]
+    python bench/heads.py [--model smollm2-135m] [--T 16] [--repeats 3] [--positions 1,9]
 """
 
 from __future__ import annotations
@@ -30,37 +32,48 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=16)
     ap.add_argument("--eps-count", type=int, default=9)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--positions", default=None, help="comma-separated j (default: 1..T)")
+    ap.add_argument("--all-offsets", action="store_true", help="also time heads at every offset")
     args = ap.parse_args()
     lm = load_model(args.model, dtype="float32")
     L = lm.n_layers
     prompts = make_prompts(lm.token_space, T=args.T, count=1, seed=0, kinds=("repeat",))
     eps = [float(x) for x in torch.logspace(-4, 0, args.eps_count)]
     dirs = random_directions(lm.d_model, 1)
-    positions = list(range(1, args.T + 1))
+    positions = (list(range(1, args.T + 1)) if args.positions is None
+                 else [int(x) for x in args.positions.split(",")])
     offsets = default_offsets(args.T)
     print(f"model {args.model} float32, L={L}, T={args.T}, torch threads "
           f"{torch.get_num_threads()}, load average at start {os.getloadavg()}")
-    print("| lp set | kind | cells | s/cell, no heads | s/cell, heads (default offsets) | "
-          "ratio | s/cell, heads (all offsets) | ratio | load average (1 min) |")
+    modes = ["off", "default"] + (["all"] if args.all_offsets else [])
+    print(f"positions {positions}")
+    print("| lp set | kind | cells | s/cell no heads (wall) | s/cell heads (wall) | wall ratio | "
+          "CPU-time ratio | all offsets: CPU-time ratio | load average (1 min) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for lps in ([0], [0, L // 3, 2 * L // 3]):
         for kind in ("finite", "linear"):
             e = eps if kind == "finite" else []
             cells = len(lps) * len(positions) * (len(e) or 1) * len(dirs)
-            times: dict[str, list[float]] = {"off": [], "default": [], "all": []}
+            wall: dict[str, list[float]] = {m: [] for m in modes}
+            cpu: dict[str, list[float]] = {m: [] for m in modes}
             for _ in range(args.repeats):
-                for mode in times:
-                    t0 = time.perf_counter()
+                for mode in modes:
+                    t0, c0 = time.perf_counter(), time.process_time()
                     compute_tables(lm, prompts, lps, positions, e, dirs, linear=kind == "linear",
                                    heads=mode != "off",
                                    head_offsets=offsets if mode == "default" else None)
-                    times[mode].append(time.perf_counter() - t0)
-            # Ratios of the per-repeat pairs (run back to back), then their median.
-            r_def = statistics.median(d / o for d, o in zip(times["default"], times["off"]))
-            r_all = statistics.median(a / o for a, o in zip(times["all"], times["off"]))
-            per = {m: min(t) / cells for m, t in times.items()}
-            print(f"| {lps} | {kind} | {cells} | {per['off']:.4f} | {per['default']:.4f} | "
-                  f"{r_def:.3f} | {per['all']:.4f} | {r_all:.3f} | {os.getloadavg()[0]:.1f} |",
+                    wall[mode].append(time.perf_counter() - t0)
+                    cpu[mode].append(time.process_time() - c0)
+
+            def ratio(t: dict[str, list[float]], mode: str) -> str:
+                # Ratios of runs made back to back, then their median.
+                if mode not in t:
+                    return "-"
+                return f"{statistics.median(a / b for a, b in zip(t[mode], t['off'])):.3f}"
+
+            print(f"| {lps} | {kind} | {cells} | {min(wall['off']) / cells:.4f} | "
+                  f"{min(wall['default']) / cells:.4f} | {ratio(wall, 'default')} | "
+                  f"{ratio(cpu, 'default')} | {ratio(cpu, 'all')} | {os.getloadavg()[0]:.1f} |",
                   flush=True)
 
 

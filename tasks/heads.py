@@ -54,12 +54,26 @@ class NoHeadProjection(UnisweepError):
     pass
 
 
-def _attention_module(block: nn.Module) -> nn.Module:
-    for name in _ATTN_NAMES:
-        if hasattr(block, name):
-            return getattr(block, name)
-    raise NoHeadProjection(f"no attention module ({', '.join(_ATTN_NAMES)}) in block "
-                           f"{type(block).__name__}")
+def _attention_parts(lm, block: nn.Module) -> tuple[nn.Module, nn.Module, int]:
+    """(attention module, its output projection, number of heads) of `block`.
+
+    From the adapter when it names the projection (`attn_proj`, relative to a block), else
+    by HF's usual names.
+    """
+    path = getattr(lm.adapter, "attn_proj", None)
+    if path:
+        parent = path.rpartition(".")[0]
+        attn = block.get_submodule(parent) if parent else block
+        return attn, block.get_submodule(path), int(lm.adapter.n_heads)
+    attn = next((getattr(block, n) for n in _ATTN_NAMES if hasattr(block, n)), None)
+    if attn is None:
+        raise NoHeadProjection(f"no attention module ({', '.join(_ATTN_NAMES)}) in block "
+                               f"{type(block).__name__}")
+    proj = next((getattr(attn, n) for n in _PROJ_NAMES if hasattr(attn, n)), None)
+    if proj is None:
+        raise NoHeadProjection(f"no output projection ({', '.join(_PROJ_NAMES)}) in "
+                               f"{type(attn).__name__}")
+    return attn, proj, n_heads_of(lm.model.config)
 
 
 def n_heads_of(config) -> int:
@@ -72,12 +86,7 @@ def n_heads_of(config) -> int:
 
 def head_projection(lm, block: nn.Module, rdtype: torch.dtype) -> HeadProjection:
     """The output projection of `block`'s attention, split by head, weights in `rdtype`."""
-    attn = _attention_module(block)
-    proj = next((getattr(attn, n) for n in _PROJ_NAMES if hasattr(attn, n)), None)
-    if proj is None:
-        raise NoHeadProjection(f"no output projection ({', '.join(_PROJ_NAMES)}) in "
-                               f"{type(attn).__name__}")
-    H = n_heads_of(lm.model.config)
+    _, proj, H = _attention_parts(lm, block)
     w = proj.weight.detach().to(rdtype)
     # nn.Linear computes z @ W.T with W [d, H*hd]; Conv1D computes z @ W with W [H*hd, d].
     w_in_out = w.T if isinstance(proj, nn.Linear) else w
@@ -164,7 +173,7 @@ def attention_patterns(lm, input_ids: torch.Tensor) -> torch.Tensor:
             if not isinstance(out, tuple) or len(out) < 2 or out[1] is None:
                 raise NoHeadProjection(f"block {b}'s attention returned no weights")
             weights[b] = out[1].detach().float()
-        handles.append(_attention_module(blk).register_forward_hook(grab))
+        handles.append(_attention_parts(lm, blk)[0].register_forward_hook(grab))
     try:
         with _eager_attention(model):
             ad.base(model)(input_ids=input_ids, use_cache=False)

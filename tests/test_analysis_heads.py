@@ -9,7 +9,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from analysis.heads import head_agreement, heads, heads_section
+from analysis.heads import head_agreement, heads, report_parts
 from analysis.source import from_shards
 from db.shards import write_shard
 from tasks.layout import HEAD_SHARD_SCHEMA, SHARD_SCHEMA
@@ -70,8 +70,7 @@ def test_agreement_ranks_and_top_heads(data):
     assert row["prev_spearman"] == pytest.approx(1.0)
 
 
-def test_report_section_writes_heatmaps(data, tmp_path):
-    tables, figures = heads_section(data, tmp_path, None)
-    assert [t for t, _ in tables] == ["Heads: response-based vs attention-pattern scores"]
+def test_report_parts_write_heatmaps(data, tmp_path):
+    scores, agree, figures = report_parts(data, tmp_path, None)
+    assert len(scores) == L * H and agree["top_overlap"].to_list() == [L * H]  # k = 5 > 4 heads
     assert len(figures) == 1 and (tmp_path / figures[0][0]).stat().st_size > 5000
-    assert (tmp_path / "heads.csv").is_file()

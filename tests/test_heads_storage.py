@@ -131,5 +131,5 @@ def test_report_of_a_linear_only_heads_sweep(sweep, tmp_path):
     assert agree["heads"].to_list() == [12]
     index = build_report(data, tmp_path / "report")
     md = (tmp_path / "report" / "report.md").read_text()
-    assert index.is_file() and "Heads: response-based vs attention-pattern scores" in md
+    assert index.is_file() and "Which heads carry it?" in md
     assert any(p.name.startswith("heads_") for p in (tmp_path / "report").glob("*.png"))
