@@ -390,7 +390,10 @@ def heads_section(ctx: ReportContext) -> Section | None:
         "classic attention-pattern scores of the same prompts' clean forward (mean weight from "
         "i to i - T + 1, and to i - 1). Spearman rank correlation over all heads; top heads "
         f"by each ({ctx.eps_txt}).")
-    s.tables.append(TableOut("Response vs attention pattern, per perturbed layer lp", agree,
+    shown = agree.select("model", "dtype", "lp", "heads", "induction_spearman",
+                         "prev_spearman", "top_by_response", "top_by_pattern", "top_overlap",
+                         "emergence_layer")  # narrow enough for the page
+    s.tables.append(TableOut("Response vs attention pattern, per perturbed layer lp", shown,
                              ctx.write_table(scores, "heads")))
     s.figures += [FigureOut(png, caption) for png, caption in figures]
     return s

@@ -8,6 +8,7 @@ offset too. Wall time and this process's CPU time are both reported; on a shared
 the CPU-time ratio is the steadier one.
 
     python bench/heads.py [--model smollm2-135m] [--T 16] [--repeats 3] [--positions 1,9]
+                          [--lp-sets '0;L/3'] [--all-offsets]
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--positions", default=None, help="comma-separated j (default: 1..T)")
     ap.add_argument("--all-offsets", action="store_true", help="also time heads at every offset")
+    ap.add_argument("--lp-sets", default="0;L/3", help="'0' and/or 'L/3' (lp in 0, L/3, 2L/3), "
+                    "separated by ';'")
     args = ap.parse_args()
     lm = load_model(args.model, dtype="float32")
     L = lm.n_layers
@@ -50,7 +53,8 @@ def main() -> None:
     print("| lp set | kind | cells | s/cell no heads (wall) | s/cell heads (wall) | wall ratio | "
           "CPU-time ratio | all offsets: CPU-time ratio | load average (1 min) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for lps in ([0], [0, L // 3, 2 * L // 3]):
+    lp_sets = {"0": [0], "L/3": [0, L // 3, 2 * L // 3]}
+    for lps in (lp_sets[k] for k in args.lp_sets.split(";")):
         for kind in ("finite", "linear"):
             e = eps if kind == "finite" else []
             cells = len(lps) * len(positions) * (len(e) or 1) * len(dirs)
