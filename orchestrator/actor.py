@@ -73,13 +73,12 @@ class UnitRunner:
     def __init__(self, db_url: str | None, sweep_id: Any, sweep: str, group: str, output_dir: str,
                  *, ttl_s: float = 60.0, heartbeat_s: float = 10.0, max_attempts: int = 3,
                  device: str | None = None, threads: int | None = None,
-                 idle_poll_s: float = 0.5, memory_budget: int | None = None) -> None:
+                 idle_poll_s: float = 0.5) -> None:
         self.db_url, self.sweep_id, self.sweep, self.group = db_url, sweep_id, sweep, group
         self.output_dir = output_dir
         self.ttl_s, self.heartbeat_s, self.max_attempts = ttl_s, heartbeat_s, max_attempts
         self.idle_poll_s = idle_poll_s
         self.threads = threads
-        self.memory_budget = memory_budget  # bytes a pass may use (None: free memory)
         self.device = device or _default_device()
         self.worker_id = new_worker_id()
         self._store: Any = None
@@ -163,7 +162,6 @@ class UnitRunner:
             # float(): PostgreSQL's JSONB hands a large eps (1e30) back as an integer.
             eps=[float(e) for e in params["eps"]], directions=dirs, linear=bool(params["linear"]),
             record_layers=params["record"]["layers"], record_positions=params["record"]["positions"],
-            memory_budget=self.memory_budget,
         )
         check_finite(table)
         return add_unit_columns(table, sweep=self.sweep, unit_key=key, model=lm.model_id,

@@ -151,9 +151,6 @@ class Resources(_Strict):
     cpu_actors: int = Field(default=1, ge=1, le=1024)
     cpus_per_actor: int | None = Field(default=None, ge=1, le=1024)
     max_actors: int | None = Field(default=None, ge=1, le=100_000)
-    # Bytes one forward pass may use on an actor beyond the weights (rows per pass follow);
-    # default: the device's free memory (CUDA) or half the available RAM (CPU).
-    memory_budget: int | None = Field(default=None, ge=1)
 
 
 class LeaseSpec(_Strict):

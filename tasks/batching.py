@@ -20,15 +20,16 @@ LOGIT_BUDGET = 128 << 20
 # Temporaries of the KL alive with one chunk of logits (logits, dz, x, g, f; see tasks.kl).
 KL_TEMPORARIES = 5
 # The activation model below counts the tensors a block creates; the allocator, the hooks'
-# float copies and HF's masks add to that. Measured peaks (bench/memory.py) stayed under
-# 1.6x the count on SmolLM2 and tiny configs; 2x keeps every measured pass under its budget.
+# float copies and HF's masks add to that: a 2x margin. An estimate: bench/memory.py compares
+# it with measured peaks (not yet run to the end on the shared development machine).
 SAFETY = 2.0
-# On the CPU a pass of more row-positions than this runs no faster per row-position (measured
-# on SmolLM2 float32, bench/memory.py); a GPU takes all the memory allows.
+# On the CPU, passes stop at this many row-positions: beyond a few thousand a larger GEMM
+# gains nothing per row-position while its activations leave the caches (an estimate that
+# bench/memory.py measures); a GPU takes all the memory allows.
 CPU_ROW_POSITIONS = 8192
 # Per-pass overhead in row-positions (Python hooks, cache set-up, kernel launches): what a
-# position saves by joining a pass instead of running its own. Measured on SmolLM2 float32
-# on the CPU (bench/memory.py); on a GPU launches cost relatively more, so more joins pay.
+# position saves by joining a pass instead of running its own. Estimates (bench/memory.py
+# fits the CPU one); on a GPU launches cost relatively more, so more joins pay.
 PASS_OVERHEAD = {"cpu": 64, "cuda": 2048}
 
 
