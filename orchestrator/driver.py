@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import store_adapter
 from orchestrator.actor import make_actor_class
 from orchestrator.placement import ActorPlan, actor_plan
 from orchestrator.progress import SweepProgress, is_main_thread, raise_interrupt
@@ -99,12 +98,7 @@ class Driver:
     def _fail_in_flight(self, worker_id: str, why: str) -> None:
         # A dead worker's units count as a failed attempt (not a release): a unit that kills
         # its worker every time must end `failed`, not loop forever.
-        t = self.store.table_arrow("units", self.sweep)
-        rows = [k for k, o, s in zip(t.column("unit_key").to_pylist(),
-                                     t.column("lease_owner").to_pylist(),
-                                     t.column("status").to_pylist(), strict=True)
-                if o == worker_id and s == "leased"]
-        for key in rows:
+        for key in self.store.leased_by(worker_id, self.sweep):
             self.store.fail(key, worker_id, why, self.spec.lease.max_attempts)
 
     def _pick_group(self, open_groups: dict[Any, dict[str, int]],
@@ -127,7 +121,7 @@ class Driver:
 
         t0 = time.perf_counter()
         start_status = self.store.status(self.sweep)
-        open_groups = store_adapter.open_by_group(self.store, self.sweep)
+        open_groups = self.store.open_by_group(self.sweep)
         interrupted = False
         progress = SweepProgress(self.store, self.sweep, enabled=self.progress)
         old_handler = signal.getsignal(signal.SIGTERM)
@@ -183,7 +177,7 @@ class Driver:
                     # slot to the group with the most open work (a new actor, a new model).
                     ray.kill(slot.actor, no_restart=True)
                     self.slots.remove(slot)
-                    g = self._pick_group(store_adapter.open_by_group(self.store, self.sweep))
+                    g = self._pick_group(self.store.open_by_group(self.sweep))
                     if g is not None:
                         self.slots.append(self._start_actor(g, ap, cls))
                 except RayActorError as exc:

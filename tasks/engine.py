@@ -16,7 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import DynamicCache
 
-from tasks.models import LoadedModel
+from tasks.model_handle import LoadedModel
 from tasks.prompts import Prompt
 from tasks.validation import check_grid
 

