@@ -58,8 +58,9 @@ def register(app: typer.Typer) -> None:
         ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
     ) -> None:
         """Plan SPEC into the database (adding only new units) and run them on Ray actors."""
-        from orchestrator.driver import Driver, submit
+        # Imported per command: --plan-only never needs Ray, the actor or the engine.
         from orchestrator.spec import load_spec
+        from orchestrator.submit import submit
 
         sweep_spec = load_spec(spec)
         store, the_plan, added = submit(sweep_spec, db)
@@ -67,6 +68,8 @@ def register(app: typer.Typer) -> None:
                       f"{added} new, in {store.url}", highlight=False)
         if plan_only:
             return
+        from orchestrator.driver import Driver
+
         summary = Driver(store, sweep_spec.name, sweep_spec, _store_url(store, db, sweep_spec),
                          address=address, ship=ship, actors=actors, progress=progress).run()
         _finish(summary)
