@@ -9,8 +9,7 @@ import functools
 from collections.abc import Callable
 
 from tasks.errors import InvalidInput
-from tasks.model_handle import ModelInfo
-from tasks.models import model_info
+from tasks.model_catalog import ModelInfo, model_info
 
 # The orchestrator's name for what it knows about a model before any compute.
 ModelMeta = ModelInfo

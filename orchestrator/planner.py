@@ -15,7 +15,7 @@ from typing import Any
 
 from orchestrator.model_meta import MetaFn, ModelMeta, model_meta
 from orchestrator.spec import SweepSpec, canonical_eps
-from tasks.directions import load_directions
+from tasks.direction_file import read_direction_file
 from tasks.errors import InvalidInput
 from tasks.layout import METHOD_VERSION
 from tasks.work import (
@@ -107,7 +107,7 @@ def validate_models(spec: SweepSpec, meta_fn: MetaFn = model_meta) -> dict[str, 
                                f"(context {meta.max_positions}, prompt length 2T+1)",
                                got=spec.prompts.T)
         if spec.directions.family == "file":
-            load_directions(spec.directions.file, meta.d_model, spec.directions.count)
+            read_direction_file(spec.directions.file, meta.d_model, spec.directions.count)
     return metas
 
 
@@ -115,7 +115,7 @@ def _template(spec: SweepSpec, meta: ModelMeta, dtype: str) -> UnitWork:
     """The fields shared by every unit of a (model, dtype); prompt id, lp, cells to fill in."""
     d = spec.directions
     if d.family == "file":
-        n_dirs = int(load_directions(d.file, meta.d_model, d.count).shape[0])
+        n_dirs = int(read_direction_file(d.file, meta.d_model, d.count).shape[0])
         directions = WorkDirections("file", n_dirs, sha256=file_sha256(d.file, "directions.file"))
     else:
         directions = WorkDirections(d.family, d.count or 4, seed=d.seed)

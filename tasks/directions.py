@@ -11,11 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tasks.direction_file import read_direction_file
 from tasks.errors import InvalidInput, UnisweepError
 from tasks.work import UnitWork, file_sha256
-
-# How far from 1 the norm of an explicit direction may be (float32 files round at ~1e-7).
-UNIT_TOLERANCE = 1e-4
 
 
 def random_directions(d_model: int, count: int, seed: int = 0, start: int = 0) -> torch.Tensor:
@@ -29,34 +27,9 @@ def random_directions(d_model: int, count: int, seed: int = 0, start: int = 0) -
 
 
 def load_directions(path: str | Path, d_model: int, count: int | None = None) -> torch.Tensor:
-    """Explicit directions from a .npy file [count, d_model], float64.
-
-    The one rule: every row must have unit length within UNIT_TOLERANCE, else the file is
-    refused (a row of another length is a mistake, not a direction); accepted rows are then
-    renormalised to unit length exactly.
-    """
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise InvalidInput("directions.file", "a readable .npy file of unit vectors [count, d_model]",
-                           got=str(path), detail=str(exc)) from None
-    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.floating):
-        raise InvalidInput("directions.file", "a float array of shape [count, d_model]", got=str(path),
-                           detail=f"shape {arr.shape}, dtype {arr.dtype}")
-    if arr.shape[1] != d_model:
-        raise InvalidInput("directions.file", f"rows of length d_model = {d_model}", got=str(path),
-                           detail=f"shape {arr.shape}")
-    if count is not None and arr.shape[0] != count:
-        raise InvalidInput("directions.count", f"the number of rows of directions.file ({arr.shape[0]})",
-                           got=count)
-    vecs = torch.from_numpy(arr.astype(np.float64))
-    norms = vecs.norm(dim=1)
-    bad = ~(torch.isfinite(norms) & ((norms - 1.0).abs() < UNIT_TOLERANCE))
-    if bad.any():
-        row = int(bad.nonzero()[0, 0])
-        raise InvalidInput("directions.file", f"unit rows (|norm - 1| < {UNIT_TOLERANCE:g})", got=str(path),
-                           detail=f"row {row} has norm {float(norms[row]):.6g}")
-    return vecs / norms[:, None]
+    """Explicit directions from a .npy file [count, d_model], float64, under the one rule of
+    tasks.direction_file (unit rows within its tolerance, renormalised exactly)."""
+    return torch.from_numpy(read_direction_file(path, d_model, count))
 
 
 def unit_directions(work: UnitWork, d_model: int) -> torch.Tensor:

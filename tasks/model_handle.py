@@ -1,4 +1,4 @@
-"""The model handle types: LoadedModel (what the engine computes on), ModelInfo, TokenSpace, dtypes.
+"""The model handle types: LoadedModel (what the engine computes on), TokenSpace, the dtypes.
 
 Every part of tasks/ that uses a loaded model (engine, prompts, shapes, check) imports these
 from here; tasks.models (loading, identity, model_info) builds them.
@@ -33,19 +33,6 @@ class TokenSpace:
 
     def ordinary_ids(self) -> list[int]:
         return [t for t in range(self.vocab_size) if t not in self.special_ids]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What planning needs to know about a model, read from its config or GGUF header only."""
-
-    name: str  # as asked for (alias, hub name, folder, .gguf path, tiny:*, shape:*)
-    model_id: str  # short stable id: the shards' `model` column and the actors' group
-    n_layers: int  # transformer blocks L
-    d_model: int  # residual stream width
-    max_positions: int  # context length
-    identity: dict[str, str] = field(default_factory=dict)  # goes into unit keys (no dtype)
-    vocab_size: int | None = None  # the config's vocabulary (None in planner tests' stand-ins)
 
 
 @dataclass

@@ -101,6 +101,14 @@ def test_import_engine_does_not_import_the_loader() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_planning_imports_neither_torch_nor_ray() -> None:
+    code = ("import sys, orchestrator.submit, orchestrator.planner, tasks.model_catalog; "
+            "print(sorted(m for m in ('torch', 'transformers', 'ray', 'tasks.engine') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_direction_files_must_hold_unit_rows(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     rows = rng.normal(size=(3, 16))
