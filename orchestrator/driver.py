@@ -16,6 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
 from orchestrator.actor import make_actor_class
 from orchestrator.placement import ActorPlan, actor_plan
 from orchestrator.progress import SweepProgress, is_main_thread, raise_interrupt
@@ -82,8 +85,6 @@ class Driver:
 
     def _start_actors(self, groups: list[str], ap: ActorPlan, cls: Any) -> list[_Slot]:
         """Start one actor per entry of `groups` (in parallel) and set each on its group."""
-        import ray
-
         L = self.spec.lease
         actors = [cls.options(**ap.options).remote(
             self.db_url, self.info.id, self.sweep, g, self.info.output_dir,
@@ -117,8 +118,6 @@ class Driver:
     # ---- the loop ----
 
     def run(self) -> RunSummary:
-        import ray
-
         t0 = time.perf_counter()
         start_status = self.store.status(self.sweep)
         open_groups = self.store.open_by_group(self.sweep)
@@ -162,9 +161,6 @@ class Driver:
                           self.deaths, interrupted, st.failed)
 
     def _watch(self, ap: ActorPlan, cls: Any, progress: SweepProgress) -> None:
-        import ray
-        from ray.exceptions import RayActorError
-
         last_reclaim = 0.0
         while any(s.ref is not None for s in self.slots):
             refs = {s.ref: s for s in self.slots if s.ref is not None}
@@ -205,9 +201,6 @@ class Driver:
     def _revive(self, slot: _Slot, exc: Exception, ap: ActorPlan, cls: Any) -> None:
         """After a death: wait for Ray's restart of the actor (fresh process, new worker id), or
         replace an actor that has no restarts left by a new one for the same group."""
-        import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
         deadline = time.monotonic() + 120
         while not isinstance(exc, ActorDiedError):
             try:
@@ -231,8 +224,6 @@ class Driver:
 
     def _stop_all(self, grace_s: float = 3.0) -> None:
         """Ctrl-C: stop after the unit in flight if quick, else kill; release every lease."""
-        import ray
-
         for s in self.slots:
             try:
                 s.actor.stop.remote()

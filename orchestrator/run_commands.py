@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 console = Console()
+# The commands import their machinery when they run (function-local imports below): the CLI
+# starts without torch or Ray, and `run --plan-only` never imports the driver.
 
 _ADDRESS_HELP = "Ray cluster: 'auto' (the cluster this node belongs to) or ray://HOST:10001; local Ray if omitted"
 _DB_HELP = "Database URL (sqlite:///PATH or postgresql://...); default: spec's database, env UNISWEEP_DB, <output>/unisweep.db"

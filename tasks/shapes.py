@@ -11,6 +11,8 @@ import json
 from collections.abc import Callable
 
 import torch
+from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig
+from transformers import initialization as hf_init
 
 from tasks.errors import InvalidInput
 from tasks.model_handle import TokenSpace
@@ -22,8 +24,6 @@ _INIT_CHUNK_ELEMS = 1 << 26
 
 
 def _gemma2(scale: int):
-    from transformers import Gemma2Config
-
     head_dim = 256 // scale
     return Gemma2Config(
         vocab_size=256000 // scale, hidden_size=2304 // scale, intermediate_size=9216 // scale,
@@ -36,8 +36,6 @@ def _gemma2(scale: int):
 
 
 def _llama32(scale: int):
-    from transformers import LlamaConfig
-
     return LlamaConfig(
         vocab_size=128256 // scale, hidden_size=3072 // scale, intermediate_size=8192 // scale,
         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
@@ -50,8 +48,6 @@ def _llama32(scale: int):
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, scale: int = 1):
-    from transformers import GPT2Config
-
     vocab = 50257 // scale
     return GPT2Config(n_layer=n_layer, n_embd=n_embd // scale, n_head=n_head, n_positions=1024,
                       vocab_size=vocab, activation_function="gelu_new",
@@ -87,8 +83,6 @@ def shape_config(name: str):
 
 def count_parameters(name: str) -> int:
     """Parameters of a shape (tied embeddings counted once), built on the meta device."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(shape_config(name))
     seen = {id(p): p.numel() for p in model.parameters()}
@@ -128,9 +122,6 @@ def _seeded_init(model: torch.nn.Module, family: str) -> None:
 
 def load_shape(name: str, dtype: torch.dtype, device: torch.device):
     """(model, TokenSpace, identity) for a shape: random seeded weights, no download."""
-    from transformers import AutoModelForCausalLM
-    from transformers import initialization as hf_init
-
     cfg = shape_config(name)
     # Before loading: from_config writes the dtype into the config.
     identity = shape_identity(name)
