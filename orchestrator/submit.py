@@ -5,6 +5,8 @@ Also reads a stored sweep's spec back (for `resume`).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from db.store import UnitSpec, connect
@@ -20,6 +22,7 @@ def submit(spec: SweepSpec, db_url: str | None = None, meta_fn: MetaFn = model_m
     Everything that can be wrong with the spec is raised before the database is touched.
     """
     base_plan = plan(spec, meta_fn=meta_fn)  # validates every model before any write
+    check_output_dir(spec.output)
     store = connect(db_url or spec.database, output_dir=spec.output)
     try:
         existing = store.unit_params(spec.name)
@@ -30,6 +33,22 @@ def submit(spec: SweepSpec, db_url: str | None = None, meta_fn: MetaFn = model_m
     added = store.add_units(spec.name, [UnitSpec(u.key, u.group, u.params, u.n_cells)
                                         for u in the_plan.units])
     return store, the_plan, added
+
+
+def check_output_dir(output: str) -> None:
+    """`output` must be a folder this process can create and write (shards go there)."""
+    if "://" in output:
+        return  # object storage: checked by its own client
+    path = Path(output).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InvalidInput("output", "a folder for the shards (created if missing)", output,
+                           detail=f"{probe} is an existing file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidInput("output", "a folder this user can write", output,
+                           detail=f"{probe} is not writable")
 
 
 def load_sweep_spec(store: Any, sweep: str) -> SweepSpec:
