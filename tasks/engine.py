@@ -18,8 +18,9 @@ from transformers import DynamicCache
 
 from tasks.batching import KL_TEMPORARIES, LOGIT_BUDGET, plan_passes, rows_per_pass
 from tasks.kl import kl_from_logit_change
-from tasks.models import LoadedModel
+from tasks.model_handle import LoadedModel
 from tasks.prompts import Prompt
+from tasks.tabulate import concat_tables, responses_to_table
 from tasks.validation import check_grid
 
 
@@ -393,8 +394,6 @@ def compute_responses(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[
     device memory, or half the available RAM) allows, at most max_rows if given.
     batch_positions=False forces one position per pass (the per-position engine).
     """
-    from tasks.tabulate import concat_tables
-
     grid = check_grid(lm, prompts, lps, positions, eps, directions, record_layers,
                       record_positions, max_rows, memory_budget)
     n_max = max(p.n for p in grid.prompts)
@@ -446,8 +445,6 @@ def _to_host(results: list[Responses]) -> tuple[list[Responses], object]:
 
 
 def _tables_of(results: list[Responses], event, group, spec, grid) -> list:
-    from tasks.tabulate import responses_to_table
-
     if event is not None:
         event.synchronize()
     return [responses_to_table(res, group, grid, spec.e_chunk, spec.d_chunk) for res in results]
