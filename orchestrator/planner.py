@@ -146,7 +146,9 @@ def _template(spec: SweepSpec, meta: ModelMeta, dtype: str) -> UnitWork:
         directions=directions,
         record_layers=None if spec.record.layers is None else tuple(spec.record.layers),
         record_positions=None if spec.record.positions is None else tuple(spec.record.positions),
-        record_heads=spec.record.key_params(p.T).get("heads"),
+        record_heads=spec.record.heads,
+        head_offsets=(None if not spec.record.heads or spec.record.head_offset_list(p.T) is None
+                      else tuple(spec.record.head_offset_list(p.T))),
         lp=0, positions=(), eps=(), linear=False,
         run=RunHints(meta.name, meta.model_id, meta.n_layers, d.file, p.text_file),
     )

@@ -78,7 +78,8 @@ def run_unit_tables(lm: LoadedModel, work: UnitWork, *, sweep: str,
         directions=unit_directions(work, lm.d_model), linear=work.linear,
         record_layers=None if work.record_layers is None else list(work.record_layers),
         record_positions=None if work.record_positions is None else list(work.record_positions),
-        heads=work.record_heads is not None, head_offsets=work.head_offsets,
+        heads=work.record_heads,
+        head_offsets=None if work.head_offsets is None else list(work.head_offsets),
     )
     check_finite(table)
     # expected_rows counts every kind at one length; prompts of a unit may differ in length

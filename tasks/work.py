@@ -106,13 +106,10 @@ class UnitWork:
     eps: tuple[float, ...]  # finite eps values; the linear response is the flag below
     linear: bool
     run: RunHints
-    # Per-head responses (record.heads): None when off, else {"offsets": [i - j, ...] or None
-    # for all}. Absent from the key when off, so units planned without heads keep their keys.
-    record_heads: dict[str, Any] | None = None
-
-    @property
-    def head_offsets(self) -> list[int] | None:
-        return None if self.record_heads is None else self.record_heads["offsets"]
+    # Per-head responses (record.heads) at offsets i - j in head_offsets (None: all). Absent
+    # from the params and key when off, so units planned without heads keep their keys.
+    record_heads: bool = False
+    head_offsets: tuple[int, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The params stored in the database; key() hashes all of it but `run`."""
@@ -124,7 +121,8 @@ class UnitWork:
             "directions": self.directions.to_json(),
             "record": {"layers": None if self.record_layers is None else list(self.record_layers),
                        "positions": None if self.record_positions is None else list(self.record_positions),
-                       **({} if self.record_heads is None else {"heads": self.record_heads})},
+                       **({"heads": {"offsets": None if self.head_offsets is None
+                                     else list(self.head_offsets)}} if self.record_heads else {})},
             "lp": self.lp,
             "positions": list(self.positions),
             "eps": list(self.eps),
@@ -154,7 +152,8 @@ class UnitWork:
                 linear=bool(params["linear"]),
                 run=RunHints(str(run["model"]), str(run["model_id"]), int(run["n_layers"]),
                              run.get("directions_file"), run.get("text_file")),
-                record_heads=rec.get("heads"),
+                record_heads="heads" in rec,
+                head_offsets=_ints(rec["heads"]["offsets"]) if "heads" in rec else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidInput("params", "a unit's params as the planner wrote them",
