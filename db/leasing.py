@@ -199,11 +199,34 @@ _FAIL = (
 )
 
 
-def fail(session: Session, key: str, worker_id: str, error: str, max_attempts: int) -> FailOutcome:
-    """Record a failed attempt: back to pending for a retry, or failed once attempts reach max."""
+# The machine failed, not the unit (full or read-only disk, lost connection): pending again
+# with its attempt given back, like a release; the error stays visible in `status`.
+_FAIL_ENVIRONMENT = (
+    update(units)
+    .where(c.key == bindparam("p_key"), c.status == "leased", c.lease_owner == bindparam("p_worker"))
+    .values(
+        status="pending",
+        error=bindparam("p_error"),
+        lease_owner=None,
+        lease_expires=None,
+        attempts=case((c.attempts > 0, c.attempts - 1), else_=0),
+    )
+    .returning(c.status)
+)
+
+
+def fail(session: Session, key: str, worker_id: str, error: str, max_attempts: int,
+         environment: bool = False) -> FailOutcome:
+    """Record a failed attempt: back to pending for a retry, or failed once attempts reach max.
+
+    environment=True (ENOSPC, EACCES, a lost connection): pending again without using an
+    attempt; the worker, not the unit, has to wait for the machine to be fixed.
+    """
     params = {"p_key": key, "p_worker": worker_id, "p_max": max_attempts,
-              "p_error": f"[{worker_id}] {error}", "p_now": utcnow()}
-    status = session.connection().execute(_FAIL, params).scalar()
+              "p_error": f"[{worker_id}] {'[environment] ' if environment else ''}{error}",
+              "p_now": utcnow()}
+    stmt = _FAIL_ENVIRONMENT if environment else _FAIL
+    status = session.connection().execute(stmt, params).scalar()
     if status is not None:
         return "failed" if status == "failed" else "retry"
     outcome = _why_not(session, key)
@@ -251,3 +274,29 @@ def reclaim_expired(
         update(units).where(*base).values(status="pending", lease_owner=None, lease_expires=None)
     ).rowcount or 0
     return n_reset, n_failed
+
+
+def requeue(session: Session, sweep_id: int, *, failed: bool, keys: Sequence[str] | None = None,
+            done_keys: Sequence[str] = ()) -> int:
+    """Give units of a sweep a fresh start (pending, attempts 0): its failed units (all, or
+    those in `keys`), and the done units in `done_keys` (their shard was lost or changed).
+
+    Leased units are never touched: a live worker holds them. Returns how many changed.
+    """
+    conn = session.connection()
+    fresh = {"status": "pending", "attempts": 0, "lease_owner": None, "lease_expires": None,
+             "started_at": None, "finished_at": None}
+    n = 0
+    if failed or keys:
+        cond = [c.sweep_id == sweep_id, c.status == "failed"]
+        if keys is not None:
+            cond.append(c.key.in_(list(keys)))
+        n += conn.execute(update(units).where(*cond).values(**fresh)).rowcount or 0
+    if done_keys:
+        n += conn.execute(
+            update(units)
+            .where(c.sweep_id == sweep_id, c.status == "done", c.key.in_(list(done_keys)))
+            .values(**fresh, error="shard missing or changed: recomputed", result_path=None,
+                    result_rows=None, result_bytes=None, result_sha256=None, compute_s=None)
+        ).rowcount or 0
+    return n
