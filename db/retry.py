@@ -124,3 +124,11 @@ def _log_retry(state: tenacity.RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome else None
     logger.warning("database unreachable (attempt %d, %.0f s so far): %s", state.attempt_number,
                    state.seconds_since_start or 0.0, str(exc).splitlines()[0] if exc else "")
+
+
+def connect_resilient(url: str | None, **kwargs: Any) -> Resilient:
+    """db.store.connect, retried through an outage, returning a Resilient store."""
+    from db.store import connect
+
+    probe = Resilient(None)
+    return Resilient(probe.run(connect, url, **kwargs))

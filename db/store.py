@@ -27,7 +27,7 @@ from db import leasing
 from db.engine import make_engine
 from db.leasing import CompleteOutcome, FailOutcome, LeasedUnit, utcnow
 from db.migrate import current_revision, head_revision, upgrade
-from db.models import SWEEP_STATUSES, Sweep, Unit, Worker
+from db.models import SWEEP_STATUSES, Sweep, Unit, Worker, in_sweep
 from db.session import DatabaseError, session_scope
 from db.shards import ShardInfo, check_key, check_name, key_of, shard_files, verify_shard
 from db.urls import default_url, mask_url, normalize_url, resolve_url
@@ -328,11 +328,16 @@ class Store:
             )
         )
 
-    def fail(self, key: str, worker_id: str, error: str, max_attempts: int = 3) -> FailOutcome:
-        """Record a failed attempt: "retry" (pending again) or "failed" once attempts reach max."""
+    def fail(self, key: str, worker_id: str, error: str, max_attempts: int = 3,
+             environment: bool = False) -> FailOutcome:
+        """Record a failed attempt: "retry" (pending again) or "failed" once attempts reach max.
+
+        environment=True (disk full, read-only, connection lost): pending again, attempt not used.
+        """
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise InvalidInput("max_attempts", "an integer >= 1", max_attempts)
-        return self._hot(lambda s: leasing.fail(s, key, worker_id, str(error)[:20_000], max_attempts))
+        return self._hot(lambda s: leasing.fail(s, key, worker_id, str(error)[:20_000], max_attempts,
+                                                environment))
 
     def release(self, worker_id: str) -> int:
         """Give back all leases of worker_id (Ctrl-C, clean stop); returns how many."""
@@ -390,6 +395,17 @@ class Store:
                 .order_by(Unit.id)
             ).all()
         return [ShardInfo(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def cells_done_by(self, sweep: int | str, worker_ids: Sequence[str]) -> int:
+        """Cells of the sweep's done units that these workers completed (one driver's share)."""
+        sid = self._sweep_id(sweep)
+        if not worker_ids:
+            return 0
+        with self._session() as s:
+            return int(s.execute(
+                select(func.coalesce(func.sum(Unit.n_cells), 0))
+                .where(in_sweep(sid), Unit.status == "done", Unit.lease_owner.in_(list(worker_ids)))
+            ).scalar_one())
 
     def status(self, sweep: int | str, window_s: float = RATE_WINDOW_S) -> SweepStatus:
         """Counts by status, cells done, cells/s (recent window, else overall), ETA, failures."""
