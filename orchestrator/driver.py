@@ -49,6 +49,8 @@ class RunSummary:
         return self.cells_this_run / self.seconds if self.seconds > 0 else 0.0
 
 
+_WATCHDOG: Any = None  # the local Ray session's watchdog process (kept referenced)
+
 # ---- Ray ------------------------------------------------------------------------------------
 
 
@@ -65,6 +67,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship: b
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), pp) if p)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
+        # A SIGKILLed driver would leave Ray's agents alive for a minute (ray_watchdog).
+        global _WATCHDOG
+        from orchestrator.ray_watchdog import start_watchdog
+
+        _WATCHDOG = start_watchdog()
         return
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": SHIP_EXCLUDES} if ship else None
     check_address(address)
