@@ -58,7 +58,8 @@ def register(app: typer.Typer) -> None:
         ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
     ) -> None:
         """Plan SPEC into the database (adding only new units) and run them on Ray actors."""
-        from orchestrator.driver import Driver, check_address, submit
+        from orchestrator.driver import Driver, submit
+        from orchestrator.ray_session import check_address
         from orchestrator.spec import load_spec
 
         sweep_spec = load_spec(spec)
