@@ -61,6 +61,31 @@ class IntegrityStore(SweepStore):
                 problems.append(ShardProblem(key, path, reason))
         return VerifyReport(info.name, len(rows), problems)
 
+    def lost_shards(self, sweep: int | str) -> list[ShardProblem]:
+        """Done units whose shard file is missing or has another size: a stat per shard, no
+        read (for `status` and `resume`; `verify` also reads rows and the sha256)."""
+        info = self.get_sweep(sweep)
+        with self._session() as s:
+            rows = s.execute(
+                select(Unit.key, Unit.result_path, Unit.result_bytes)
+                .where(in_sweep(info.id), Unit.status == "done").order_by(Unit.id)
+            ).all()
+        problems = []
+        for key, path, nbytes in rows:
+            if not path:
+                problems.append(ShardProblem(key, path, "done without a recorded shard"))
+                continue
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                problems.append(ShardProblem(key, path, "missing"))
+                continue
+            except OSError:
+                continue  # not a local file (object store): `verify` checks it
+            if size != nbytes:
+                problems.append(ShardProblem(key, path, f"size {size} != recorded {nbytes}"))
+        return problems
+
     def orphans(self, sweep: int | str, *, include_in_flight: bool = False) -> list[Path]:
         """Files under the sweep's shard folder that are not the shard of a done unit.
 
