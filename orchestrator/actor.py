@@ -30,6 +30,7 @@ FAULT_DELAY_ENV = "UNISWEEP_FAULT_DELAY_S"
 
 # Consecutive units failed by the machine (disk full, read-only) before a worker gives up.
 ENV_ERRORS_BEFORE_STOP = 3
+ENV_BACKOFF_S = 2.0  # wait after the k-th such failure: ENV_BACKOFF_S * 2**(k-1), at most 30 s
 
 
 class WorkerEnvironmentError(UnisweepError):
@@ -249,7 +250,7 @@ class UnitRunner:
                     raise WorkerEnvironmentError(
                         f"{len(self._env_errors)} units in a row failed on this machine: "
                         f"{self._env_errors[-1]}")
-                self._stop.wait(min(30.0, 2.0 ** len(self._env_errors)))
+                self._stop.wait(min(30.0, ENV_BACKOFF_S * 2 ** (len(self._env_errors) - 1)))
         return counts
 
 
