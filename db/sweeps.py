@@ -23,6 +23,7 @@ from db.leasing import utcnow
 from db.models import SWEEP_STATUSES, Sweep, SweepMember, Unit, Worker, in_sweep
 from db.shards import ShardInfo, check_key, check_name
 from db.store_core import StoreCore, logger
+from db.urls import mask_url
 from tasks.errors import InvalidInput
 
 _INSERT_CHUNK = 10_000  # rows per executemany when adding units
@@ -247,8 +248,6 @@ class SweepStore(StoreCore):
 
 def _masked_spec(spec: dict[str, Any]) -> dict[str, Any]:
     # Sweeps stored before passwords were masked at write time still hold them in clear.
-    from db.urls import mask_url
-
     if isinstance(spec, dict) and isinstance(spec.get("database"), str):
         return dict(spec, database=mask_url(spec["database"]))
     return spec

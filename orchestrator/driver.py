@@ -20,14 +20,14 @@ from orchestrator import store_adapter
 from orchestrator.actor import make_actor_class
 from orchestrator.placement import ActorPlan, actor_plan
 from orchestrator.progress import SweepProgress, is_main_thread, raise_interrupt
-from orchestrator.ray_session import PROJECT_ROOT, SHIP_EXCLUDES, init_ray
+from orchestrator.ray_session import PROJECT_ROOT, SHIP_EXCLUDES, check_address, init_ray
 from orchestrator.spec import SweepSpec
-from orchestrator.submit import load_sweep_spec, submit
+from orchestrator.submit import check_output_dir, load_sweep_spec, submit
 from tasks.errors import UnisweepError
 
 # Re-exported: callers import these from here (the driver's public face).
 __all__ = ["PROJECT_ROOT", "SHIP_EXCLUDES", "ActorPlan", "Driver", "RunSummary", "actor_plan",
-           "init_ray", "load_sweep_spec", "submit"]
+           "check_address", "check_output_dir", "init_ray", "load_sweep_spec", "submit"]
 
 log = logging.getLogger("unisweep.orchestrator")
 

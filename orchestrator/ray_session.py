@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from tasks.errors import InvalidInput, UnisweepError
 
@@ -56,9 +58,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship: b
 def check_address(address: str, timeout_s: float = 10.0) -> None:
     """For ray://HOST:PORT, one TCP connect first: Ray's client retries a closed port for
     about a minute before it says so; a refused or unroutable port fails here at once."""
-    import socket
-    from urllib.parse import urlsplit
-
     if not address.startswith("ray://"):
         return
     try:
