@@ -127,7 +127,7 @@ def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
                 if p.returncode == 0:
                     finished = True
                     break
-                p = cli("resume", "faulty", *_args(address, db_url))
+                p = cli("run", str(spec), *_args(address, db_url))
                 continue
             except subprocess.TimeoutExpired:
                 pass
@@ -136,7 +136,8 @@ def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
             if fault == "kill driver":
                 sigkill(p)
                 outputs.append(p.stdout.read() if p.stdout else "")
-                p = cli("resume", "faulty", *_args(address, db_url))
+                # `run` again, not `resume`: the first driver may die before it made the sweep.
+                p = cli("run", str(spec), *_args(address, db_url))
             elif fault == "kill worker":
                 pids = _unit_runners()
                 if pids:
@@ -148,10 +149,11 @@ def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
         if not finished:
             out, _ = p.communicate(timeout=300)
             outputs.append(out)
-            if p.returncode != 0:  # the last fault may have hit this one: one clean resume
-                p = cli("resume", "faulty", *_args(address, db_url))
+            if p.returncode != 0:  # the last fault may have hit this one: one clean run
+                p = cli("run", str(spec), *_args(address, db_url))
                 out, _ = p.communicate(timeout=300)
                 outputs.append(out)
+        print("FAULTS", faults, "exit codes seen:", [o.strip().splitlines()[-1][:120] for o in outputs if o.strip()])
         assert p.returncode == 0, outputs[-1]
         assert not [o for o in outputs if "Traceback" in o], [o for o in outputs if "Traceback" in o]
         store = _store(real_url)
