@@ -121,9 +121,12 @@ class Resilient:
 
 
 def _log_retry(state: tenacity.RetryCallState) -> None:
+    # One line when an outage starts (what the user sees), the rest for debugging only.
     exc = state.outcome.exception() if state.outcome else None
-    logger.warning("database unreachable (attempt %d, %.0f s so far): %s", state.attempt_number,
-                   state.seconds_since_start or 0.0, str(exc).splitlines()[0] if exc else "")
+    level = logging.WARNING if state.attempt_number == 1 else logging.DEBUG
+    logger.log(level, "database unreachable, retrying (attempt %d, %.0f s so far): %s",
+               state.attempt_number, state.seconds_since_start or 0.0,
+               str(exc).splitlines()[0] if exc else "")
 
 
 def connect_resilient(url: str | None, **kwargs: Any) -> Resilient:

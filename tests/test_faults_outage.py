@@ -82,3 +82,18 @@ def test_only_connection_errors_are_retried(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 5
     store.close()
     assert issubclass(DatabaseUnavailable, DatabaseError)
+
+
+def test_sqlite_full_or_locked_file_counts_as_an_outage() -> None:
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    def wrapped(msg: str) -> DatabaseError:
+        err = DatabaseError("sqlite:///x.db", msg)
+        err.__cause__ = OperationalError("INSERT ...", {}, sqlite3.OperationalError(msg))
+        return err
+
+    assert is_transient(wrapped("database or disk is full"))
+    assert is_transient(wrapped("database is locked"))
+    assert not is_transient(wrapped("no such table: units"))
