@@ -7,6 +7,7 @@ once 3 units are done. Prints what the driver said and checks the exact result s
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -20,7 +21,17 @@ from db.store import connect  # noqa: E402
 from orchestrator.planner import plan  # noqa: E402
 from orchestrator.spec import load_spec  # noqa: E402
 from tests.fixtures_db import postgres_schema_url  # noqa: E402
-from tests.orch_helpers import check_complete, cli, spec_dict, units, wait_for, write_spec  # noqa: E402
+from tests.orch_helpers import (  # noqa: E402
+    FAULT_SITE,
+    ROOT,
+    UNIT_DELAY_ENV,
+    check_complete,
+    cli,
+    spec_dict,
+    units,
+    wait_for,
+    write_spec,
+)
 from tests.tcp_proxy import TcpProxy  # noqa: E402
 
 CUT_S = 65.0
@@ -33,8 +44,10 @@ def main() -> int:
         spec = write_spec(tmp / "s.yaml", spec_dict("outage65", tmp / "out",
                                                      resources={"cpus_per_actor": 1}))
         t0 = time.monotonic()
+        # tests/fault_site makes each unit sleep 0.5 s, so the cut lands mid-sweep.
         p = cli("run", str(spec), "--db", via, "--no-progress", "--actors", "1",
-                env={"UNISWEEP_FAULT_DELAY_S": "0.5"})
+                env={UNIT_DELAY_ENV: "0.5", "PYTHONPATH": os.pathsep.join(
+                    (str(FAULT_SITE), str(ROOT), os.environ.get("PYTHONPATH", "")))})
         store = connect(url)
 
         def three_done() -> bool:

@@ -122,6 +122,10 @@ def in_sweep(sweep_id: Any) -> Any:
     Every query over a sweep's units uses it, so a unit shared by two sweeps is counted,
     leased, verified and read by both, and stored once.
     """
+    return or_(Unit.__table__.c.sweep_id == sweep_id, Unit.__table__.c.id.in_(member_ids(sweep_id)))
+
+
+def member_ids(sweep_id: Any) -> Any:
+    """Subquery: ids of the units shared with sweep_id (planned by another sweep)."""
     members = SweepMember.__table__.c
-    shared = select(members.unit_id).where(members.sweep_id == sweep_id).scalar_subquery()
-    return or_(Unit.__table__.c.sweep_id == sweep_id, Unit.__table__.c.id.in_(shared))
+    return select(members.unit_id).where(members.sweep_id == sweep_id).scalar_subquery()

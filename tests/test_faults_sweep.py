@@ -2,7 +2,7 @@
 
 Drivers are real subprocesses joining one Ray session per module (their actors die with
 them, as on a cluster); PostgreSQL is reached through a TCP proxy the test cuts, never by
-stopping the shared server. Units sleep UNISWEEP_FAULT_DELAY_S so there is time to hit them.
+stopping the shared server. Units sleep UNISWEEP_TEST_UNIT_DELAY_S (tests/fault_site) so there is time to hit them.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from db.retry import ENV_BUDGET
-from orchestrator.actor import FAULT_DELAY_ENV
 from orchestrator.ray_watchdog import descendants
 from tests.fixtures_db import make_db_url
 from tests.orch_helpers import (
+    FAULT_SITE,
+    ROOT,
+    UNIT_DELAY_ENV,
     check_complete,
     cli,
     expected_rows,
@@ -48,9 +50,9 @@ FAULT_WINDOW_S = float(os.environ.get("UNISWEEP_FAULT_WINDOW_S", "60"))
 
 @pytest.fixture(scope="module")
 def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    addr = start_ray(tmp_path_factory.mktemp("ray"), env={FAULT_DELAY_ENV: "0.4", ENV_BUDGET: "90"})
+    addr = start_ray(tmp_path_factory.mktemp("ray"), env={UNIT_DELAY_ENV: "0.4", ENV_BUDGET: "90"})
     yield addr
-    stop_ray((FAULT_DELAY_ENV, ENV_BUDGET))
+    stop_ray((UNIT_DELAY_ENV, ENV_BUDGET))
 
 
 def _args(address: str, db_url: str) -> list[str]:
@@ -226,7 +228,8 @@ def test_sigkilled_driver_leaves_no_ray_process(tmp_path: Path) -> None:
                                                      resources={"cpus_per_actor": 1}))
     db_url = f"sqlite:///{tmp_path / 'u.db'}"
     p = cli("run", str(spec), "--db", db_url, "--no-progress", "--actors", "1",
-            env={FAULT_DELAY_ENV: "1"})
+            env={UNIT_DELAY_ENV: "1",
+                 "PYTHONPATH": os.pathsep.join((str(FAULT_SITE), str(ROOT), os.environ.get("PYTHONPATH", "")))})
     assert wait_for(lambda: any(b"UnitRunner" in _cmd(q) for q in descendants(p.pid)), 180)
     time.sleep(2)
     procs = descendants(p.pid)

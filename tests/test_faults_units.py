@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import db.shards as shards_mod
 import orchestrator.actor as actor_mod
 from orchestrator.actor import UnitRunner, WorkerEnvironmentError
 from orchestrator.cli import main
 from orchestrator.spec import spec_from_dict
 from orchestrator.submit import submit
+from tasks.run_unit import NonFiniteResponse
 from tests.orch_helpers import check_complete, spec_dict, units
 
 pytestmark = pytest.mark.slow  # real (tiny) model passes, a few seconds
@@ -104,12 +104,12 @@ def test_environment_errors_keep_attempts_then_retry(db_url: str, tmp_path: Path
     monkeypatch.setattr(actor_mod, "ENV_BACKOFF_S", 0.01)
     spec = spec_dict("envfail", tmp_path / "out", lease={"ttl_s": 30, "heartbeat_s": 5, "max_attempts": 2})
     store, the_plan, _ = submit(spec_from_dict(spec), db_url)
-    real_write = shards_mod.write_shard
+    real_write = actor_mod.write_shard
 
     def disk_full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(shards_mod, "write_shard", disk_full)
+    monkeypatch.setattr(actor_mod, "write_shard", disk_full)
     info = store.get_sweep("envfail")
     group = units(store, "envfail")[0]["group"]
     runner = UnitRunner(db_url, info.id, "envfail", group, info.output_dir, ttl_s=30,
@@ -122,10 +122,10 @@ def test_environment_errors_keep_attempts_then_retry(db_url: str, tmp_path: Path
     errs = [r["error"] for r in rows if r["error"]]
     assert len(errs) == 1 and "[environment] OSError: [Errno 28] No space left" in errs[0]
     # A deterministic failure (here: the engine's NaN check) uses attempts until `failed`.
-    monkeypatch.setattr(shards_mod, "write_shard", real_write)
+    monkeypatch.setattr(actor_mod, "write_shard", real_write)
 
     def nan(self, key, params):  # noqa: ANN001, ANN202
-        raise actor_mod.NonFiniteResponse("non-finite response (NaN or inf) in r: 3 of 9 rows")
+        raise NonFiniteResponse("non-finite response (NaN or inf) in r: 3 of 9 rows")
 
     monkeypatch.setattr(UnitRunner, "compute_unit", nan)
     runner.run()
