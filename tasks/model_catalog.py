@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.catalog import ALIASES, TINY_FAMILIES
+from tasks.config_facts import CONFIG_FACTS
 from tasks.errors import InvalidInput, UnisweepError
 from tasks.gguf_header import read_header
 
@@ -141,7 +142,11 @@ def _tiny_family_config(family: str) -> Any:
 def tiny_identity(family: str, cfg: Any) -> dict[str, str]:
     """Identity of a tiny model: its config as built by from_config (which records the dtype)."""
     cfg_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    return {"name": f"tiny:{family}", "config_sha256": cfg_hash.hexdigest(), "init_seed": "0"}
+    return tiny_identity_of(family, cfg_hash.hexdigest())
+
+
+def tiny_identity_of(family: str, config_sha256: str) -> dict[str, str]:
+    return {"name": f"tiny:{family}", "config_sha256": config_sha256, "init_seed": "0"}
 
 
 def gguf_identity(path: Path, digest: str) -> dict[str, str]:
@@ -191,6 +196,22 @@ def model_info(name: str) -> ModelInfo:
     """
     if not isinstance(name, str) or not name:
         raise InvalidInput("model", "a non-empty model name", name)
+    if name in CONFIG_FACTS:
+        # tiny: and shape: models: stored facts, so planning them imports no torch.
+        n_layers, d_model, context, vocab, config_sha256 = CONFIG_FACTS[name]
+        if name.startswith(TINY_PREFIX):
+            identity = tiny_identity_of(name[len(TINY_PREFIX):], config_sha256)
+        else:
+            from tasks.shapes import shape_identity_of  # torch-free at import
+
+            identity = shape_identity_of(name[len("shape:"):], config_sha256)
+        return ModelInfo(name=name, model_id=name, n_layers=n_layers, d_model=d_model,
+                         max_positions=context, identity=identity, vocab_size=vocab)
+    return config_model_info(name)
+
+
+def config_model_info(name: str) -> ModelInfo:
+    """model_info read from the config or GGUF header itself (no stored facts)."""
     if name.startswith(TINY_PREFIX):
         # torch on use only: planning GGUF models never imports it (transformers configs do).
         import torch
