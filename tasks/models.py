@@ -176,33 +176,6 @@ def _assemble_gemma3(folder: Path) -> Path:
     return target
 
 
-def _tiny_config(family: str):
-    """Tiny random-initialised configs of the paper's families (no download)."""
-    from transformers import Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig
-
-    common = dict(vocab_size=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "gpt2":
-        return GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=128, **common)
-    if family == "llama":
-        return LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=128, **common)
-    if family == "gemma2":
-        # A sliding window shorter than the test prompts exercises the hybrid attention path.
-        # No attention soft-capping: HF runs that only in eager attention, whose float32
-        # softmax would break the float64 exactness tests; logit soft-capping stays.
-        return Gemma2Config(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            max_position_embeddings=128, sliding_window=8,
-                            final_logit_softcapping=30.0, attn_logit_softcapping=None, **common)
-    if family == "gemma3":
-        return Gemma3TextConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                max_position_embeddings=128, sliding_window=8,
-                                layer_types=["sliding_attention", "full_attention"] * 2, **common)
-    raise InvalidInput("model", "tiny:gpt2, tiny:llama, tiny:gemma2, tiny:gemma3", f"tiny:{family}")
-
-
 def _token_space_from_tokenizer(tok, vocab_size: int) -> TokenSpace:
     special = {int(t) for t in getattr(tok, "all_special_ids", []) if t is not None}
     # Added tokens (chat markers and the like) are special for our purpose too.
@@ -216,9 +189,13 @@ def _token_space_from_tokenizer(tok, vocab_size: int) -> TokenSpace:
 def _load_tiny(family: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
-    cfg = _tiny_config(family)
-    # Gemma-2 has no SDPA path in HF; the others take SDPA like real loads do.
-    cfg._attn_implementation = "eager" if family == "gemma2" else "sdpa"
+    from tasks.tiny import tiny_config
+
+    cfg = tiny_config(family)
+    # SDPA like real loads take, where the family has it (not Gemma-2's soft-capped attention).
+    sdpa = family != "gemma2" and getattr(
+        AutoModelForCausalLM._model_mapping[type(cfg)], "_supports_sdpa", False)
+    cfg._attn_implementation = "sdpa" if sdpa else "eager"
     torch.manual_seed(0)  # the same tiny weights everywhere
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.to(device=device, dtype=dtype).eval()
@@ -316,9 +293,10 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu",
         space = _token_space_from_tokenizer(tokenizer, model.config.vocab_size)
     identity["dtype"] = dtype
     if torch_dtype == torch.float64:
-        from tasks.precision import keep_norms_in_float64, use_float64_attention
+        from tasks.precision import keep_norms_in_float64, use_eager_experts, use_float64_attention
 
         keep_norms_in_float64(model)
+        use_eager_experts(model)
         if model.config._attn_implementation == "eager":
             use_float64_attention(model)
     lm = LoadedModel(model=model, tokenizer=tokenizer, token_space=space,
