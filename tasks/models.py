@@ -186,6 +186,12 @@ def _token_space_from_tokenizer(tok, vocab_size: int) -> TokenSpace:
     return TokenSpace(size, tok.bos_token_id, frozenset(t for t in special if t < size))
 
 
+def _token_space_from_config(cfg) -> TokenSpace:
+    ids = (getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    special = frozenset(int(t) for t in ids if isinstance(t, int))
+    return TokenSpace(int(cfg.vocab_size), getattr(cfg, "bos_token_id", None), special)
+
+
 def _load_tiny(family: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
@@ -240,28 +246,38 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
 
 
 def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device):
+    """A folder or hub name from the local HF cache, optionally NAME@REVISION (tasks.hub).
+
+    Returns (model, tokenizer or None when the checkpoint has none, identity).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tasks import hub
+
+    base, revision = hub.split_revision(name)
+    src = hub.resolve(base, revision)  # unknown names fail here, without network retries
+    where = dict(revision=src.revision, cache_dir=src.cache_dir, local_files_only=src.local_only)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **where)
     except (OSError, ValueError) as exc:
-        raise InvalidInput(
-            "model",
-            f"an alias ({', '.join(ALIASES)}), tiny:<gpt2|llama|gemma2|gemma3>, shape:<name>, "
-            "a local model folder, a .gguf file, or a hub name in the local HF cache",
-            name, detail=str(exc).splitlines()[0][:200]) from exc
+        raise InvalidInput("model", hub.ALLOWED, name,
+                           detail=str(exc).splitlines()[0][:200]) from exc
+    tok = None  # a bare checkpoint (e.g. random-init): the config's special ids are used
+    if hub.has_tokenizer(src):
+        try:
+            tok = AutoTokenizer.from_pretrained(src.location, **where)
+        except (OSError, ValueError) as exc:
+            raise InvalidInput("model", "a checkpoint whose tokenizer loads", name,
+                               detail=str(exc).splitlines()[0][:200]) from exc
     model.to(device=device).eval()
-    revision = getattr(model.config, "_commit_hash", None) or "local"
-    if Path(name).is_dir():
-        cfg_file = Path(name) / "config.json"
-        revision = _sha256_file(cfg_file)[:16] if cfg_file.exists() else "local"
-    return model, tok, {"name": name, "revision": str(revision)}
+    return model, tok, hub.identity(base, src, revision)
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu",
                check: bool = True) -> LoadedModel:
     """Load a causal LM by alias, tiny:<family>, shape:<name>, hub name, folder or .gguf path.
+
+    Hub names and folders may carry a revision, NAME@REVISION (tasks.hub).
 
     With check=True (default) the start-up check runs: the hooked residual stream must equal
     the plain HF forward, or the model is refused (tasks.check.StartupCheckFailed).
@@ -290,7 +306,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu",
             model, tokenizer, identity = _load_gguf(path, torch_dtype, dev)
         else:
             model, tokenizer, identity = _load_pretrained(name, torch_dtype, dev)
-        space = _token_space_from_tokenizer(tokenizer, model.config.vocab_size)
+        space = (_token_space_from_tokenizer(tokenizer, model.config.vocab_size)
+                 if tokenizer is not None else _token_space_from_config(model.config))
     identity["dtype"] = dtype
     if torch_dtype == torch.float64:
         from tasks.precision import keep_norms_in_float64, use_eager_experts, use_float64_attention
