@@ -45,7 +45,9 @@ class StatusStore(SweepStore):
     """The status() read-out of a sweep."""
 
     def status(self, sweep: int | str, window_s: float = RATE_WINDOW_S) -> SweepStatus:
-        """Counts by status, cells done, cells/s (recent window, else overall), ETA, failures."""
+        """Counts by status, cells done, cells/s, ETA, failures. cells/s: the cells of the units
+        finished in the last `window_s` over their compute window (first start to last
+        finish), else over all done units."""
         info = self.get_sweep(sweep)
         now = utcnow()
         with self._session() as s:
@@ -62,7 +64,8 @@ class StatusStore(SweepStore):
             ).scalar_one()
             since = now - timedelta(seconds=window_s)
             recent = s.execute(
-                select(func.coalesce(func.sum(Unit.n_cells), 0), func.min(Unit.started_at))
+                select(func.coalesce(func.sum(Unit.n_cells), 0), func.min(Unit.started_at),
+                       func.max(Unit.finished_at))
                 .where(Unit.sweep_id == info.id, Unit.status == "done", Unit.finished_at >= since)
             ).one()
             overall = s.execute(
@@ -83,8 +86,10 @@ class StatusStore(SweepStore):
             compute += float(cs) if st == "done" else 0.0
         cells_done = cells["done"]
         rate = None
-        if recent[0] and recent[1] is not None:
-            span = (now - max(since, recent[1])).total_seconds()
+        if recent[0] and recent[1] is not None and recent[2] is not None:
+            # Over the compute window of those units (first start to last finish), not up to
+            # now: a finished sweep keeps the speed it ran at instead of decaying with time.
+            span = (recent[2] - recent[1]).total_seconds()
             rate = float(recent[0]) / span if span > 0 else None
         if rate is None and cells_done and overall[0] is not None and overall[1] is not None:
             span = (overall[1] - overall[0]).total_seconds()

@@ -19,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tasks.catalog import ALIASES, TINY_FAMILIES
 from tasks.errors import InvalidInput
 
 # One TCP connect, DNS included, to decide that the hub is unreachable.
 REACH_TIMEOUT_S = 1.0
-ALLOWED = ("an alias (smollm2-135m, gemma3-270m), tiny:<family>, shape:<name>, a local model "
-           "folder, a .gguf file, or a hub name in the local HF cache")
+ALLOWED = (f"an alias ({', '.join(ALIASES)}), tiny:<family> (one of {', '.join(TINY_FAMILIES)}), "
+           "shape:<name>, a local model folder, a .gguf file, or a hub name in the local HF "
+           "cache, optionally NAME@REVISION")
 
 
 @dataclass(frozen=True)

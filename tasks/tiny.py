@@ -55,7 +55,7 @@ TINY: dict[str, Callable[[], Any]] = {
     "olmo": _small("OlmoConfig"),
     "olmo2": _small("Olmo2Config"),
     "gpt_neox": _small("GPTNeoXConfig", rotary_pct=0.25),  # Pythia: parallel residual
-    "gpt_neox_sequential": _small("GPTNeoXConfig", rotary_pct=0.25, use_parallel_residual=False),
+    "gpt_neox_seq": _small("GPTNeoXConfig", rotary_pct=0.25, use_parallel_residual=False),
     # Falcon-7B style (one norm, parallel attention, multi-query) and Falcon-40B style.
     "falcon": _small("FalconConfig", num_kv_heads=1),
     "falcon_new": _small("FalconConfig", new_decoder_architecture=True, num_kv_heads=2),

@@ -39,7 +39,7 @@ EXPECTED = {
     "olmo": ("OLMo", "self_attn", "mlp", False),
     "olmo2": ("OLMo-2", "post_attention_layernorm", "post_feedforward_layernorm", False),
     "gpt_neox": ("GPT-NeoX (Pythia)", "attention", "mlp", True),
-    "gpt_neox_sequential": ("GPT-NeoX, sequential residual", "attention", "mlp", False),
+    "gpt_neox_seq": ("GPT-NeoX, sequential residual", "attention", "mlp", False),
     "falcon": ("Falcon (7B style)", "self_attention", "mlp", True),
     "falcon_new": ("Falcon (40B style)", "self_attention", "mlp", True),
     "stablelm": ("StableLM", "self_attn", "mlp", False),
