@@ -1,20 +1,27 @@
-"""The work queue as Store methods: lease, heartbeat, complete, fail, release, reclaim.
+"""The work queue as Store methods: lease, heartbeat, complete, fail, release, reclaim, and
+the questions the driver and workers ask of it (open work per group, a worker's leases).
 
-The statements live in leasing.py; this class checks arguments, picks the sweep and runs each
-statement on the hot path (one round trip, retried once on a dropped connection).
+Lease statements live in leasing.py; this class checks arguments, picks the sweep and runs each
+statement on the hot path (one round trip, retried once on a dropped connection). Questions are
+answered in SQL (GROUP BY, EXISTS) on the units indexes, never by reading the table.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import exists, func, select
 
 from db import leasing
 from db.leasing import CompleteOutcome, FailOutcome, LeasedUnit
+from db.models import Unit
 from db.shards import ShardInfo
 from db.sweeps import SweepStore
 from tasks.errors import InvalidInput
 
+OPEN_STATUSES = ("pending", "leased")  # work not finished yet (done and failed are final)
 EXPIRED_CHECK_S = 0.5  # lease() looks for expired leases first at most this often (per Store)
 
 
@@ -75,3 +82,39 @@ class QueueStore(SweepStore):
         sid = None if sweep is None else self._sweep_id(sweep)
         with self._session() as s:
             return leasing.reclaim_expired(s, sid, max_attempts)
+
+    # ---- questions ----------------------------------------------------------------------
+
+    def open_by_group(self, sweep: int | str) -> dict[str | None, dict[str, int]]:
+        """group -> {"units": open units, "cells": their cells}, for pending and leased units."""
+        sid = self._sweep_id(sweep)
+        stmt = (select(Unit.group, func.count(), func.coalesce(func.sum(Unit.n_cells), 0))
+                .where(Unit.sweep_id == sid, Unit.status.in_(OPEN_STATUSES))
+                .group_by(Unit.group))
+        with self._session() as s:
+            rows = s.execute(stmt).all()
+        return {g: {"units": int(n), "cells": int(c)} for g, n, c in rows}
+
+    def group_finished(self, sweep: int | str, group: str | None) -> bool:
+        """True when no unit of the group is pending or leased (all done or failed).
+
+        Asked by every idle worker twice a second: one EXISTS on the (sweep, group, status) index.
+        """
+        sid = self._sweep_id(sweep)
+        cond = Unit.group.is_(None) if group is None else Unit.group == group
+        stmt = select(exists().where(Unit.sweep_id == sid, cond, Unit.status.in_(OPEN_STATUSES)))
+        return not self._hot(lambda s: bool(s.execute(stmt).scalar()))
+
+    def leased_by(self, worker_id: str, sweep: int | str | None = None) -> list[str]:
+        """Keys of the units worker_id holds a lease on (live or expired), in plan order."""
+        stmt = select(Unit.key).where(Unit.lease_owner == worker_id, Unit.status == "leased")
+        if sweep is not None:
+            stmt = stmt.where(Unit.sweep_id == self._sweep_id(sweep))
+        with self._session() as s:
+            return list(s.execute(stmt.order_by(Unit.id)).scalars())
+
+    def unit_params(self, sweep: int | str) -> list[dict[str, Any]]:
+        """The params of every unit of a sweep, in plan order (the planner subtracts their cells)."""
+        sid = self._sweep_id(sweep)
+        with self._session() as s:
+            return list(s.execute(select(Unit.params).where(Unit.sweep_id == sid).order_by(Unit.id)).scalars())

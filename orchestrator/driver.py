@@ -16,7 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from orchestrator import store_adapter
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
 from orchestrator.actor import make_actor_class
 from orchestrator.placement import ActorPlan, actor_plan
 from orchestrator.progress import SweepProgress, is_main_thread, raise_interrupt
@@ -83,8 +85,6 @@ class Driver:
 
     def _start_actors(self, groups: list[str], ap: ActorPlan, cls: Any) -> list[_Slot]:
         """Start one actor per entry of `groups` (in parallel) and set each on its group."""
-        import ray
-
         L = self.spec.lease
         actors = [cls.options(**ap.options).remote(
             self.db_url, self.info.id, self.sweep, g, self.info.output_dir,
@@ -99,12 +99,7 @@ class Driver:
     def _fail_in_flight(self, worker_id: str, why: str) -> None:
         # A dead worker's units count as a failed attempt (not a release): a unit that kills
         # its worker every time must end `failed`, not loop forever.
-        t = self.store.table_arrow("units", self.sweep)
-        rows = [k for k, o, s in zip(t.column("unit_key").to_pylist(),
-                                     t.column("lease_owner").to_pylist(),
-                                     t.column("status").to_pylist(), strict=True)
-                if o == worker_id and s == "leased"]
-        for key in rows:
+        for key in self.store.leased_by(worker_id, self.sweep):
             self.store.fail(key, worker_id, why, self.spec.lease.max_attempts)
 
     def _pick_group(self, open_groups: dict[Any, dict[str, int]],
@@ -123,11 +118,9 @@ class Driver:
     # ---- the loop ----
 
     def run(self) -> RunSummary:
-        import ray
-
         t0 = time.perf_counter()
         start_status = self.store.status(self.sweep)
-        open_groups = store_adapter.open_by_group(self.store, self.sweep)
+        open_groups = self.store.open_by_group(self.sweep)
         interrupted = False
         progress = SweepProgress(self.store, self.sweep, enabled=self.progress)
         old_handler = signal.getsignal(signal.SIGTERM)
@@ -168,9 +161,6 @@ class Driver:
                           self.deaths, interrupted, st.failed)
 
     def _watch(self, ap: ActorPlan, cls: Any, progress: SweepProgress) -> None:
-        import ray
-        from ray.exceptions import RayActorError
-
         last_reclaim = 0.0
         while any(s.ref is not None for s in self.slots):
             refs = {s.ref: s for s in self.slots if s.ref is not None}
@@ -183,7 +173,7 @@ class Driver:
                     # slot to the group with the most open work (a new actor, a new model).
                     ray.kill(slot.actor, no_restart=True)
                     self.slots.remove(slot)
-                    g = self._pick_group(store_adapter.open_by_group(self.store, self.sweep))
+                    g = self._pick_group(self.store.open_by_group(self.sweep))
                     if g is not None:
                         self.slots.append(self._start_actor(g, ap, cls))
                 except RayActorError as exc:
@@ -211,9 +201,6 @@ class Driver:
     def _revive(self, slot: _Slot, exc: Exception, ap: ActorPlan, cls: Any) -> None:
         """After a death: wait for Ray's restart of the actor (fresh process, new worker id), or
         replace an actor that has no restarts left by a new one for the same group."""
-        import ray
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-
         deadline = time.monotonic() + 120
         while not isinstance(exc, ActorDiedError):
             try:
@@ -237,8 +224,6 @@ class Driver:
 
     def _stop_all(self, grace_s: float = 3.0) -> None:
         """Ctrl-C: stop after the unit in flight if quick, else kill; release every lease."""
-        import ray
-
         for s in self.slots:
             try:
                 s.actor.stop.remote()

@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 
 console = Console()
+# The commands import their machinery when they run (function-local imports below): the CLI
+# starts without torch or Ray, and `run --plan-only` never imports the driver.
 
 _ADDRESS_HELP = "Ray cluster: 'auto' (the cluster this node belongs to) or ray://HOST:10001; local Ray if omitted"
 _DB_HELP = "Database URL (sqlite:///PATH or postgresql://...); default: spec's database, env UNISWEEP_DB, <output>/unisweep.db"
@@ -75,8 +77,10 @@ def register(app: typer.Typer) -> None:
         ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
     ) -> None:
         """Plan SPEC into the database (adding only new units) and run them on Ray actors."""
-        from orchestrator.driver import Driver, check_address, submit
+        # Imported per command: --plan-only never needs Ray, the actor or the engine.
+        from orchestrator.ray_session import check_address
         from orchestrator.spec import load_spec
+        from orchestrator.submit import submit
 
         sweep_spec = load_spec(spec)
         if address and not plan_only:
@@ -87,6 +91,8 @@ def register(app: typer.Typer) -> None:
                       f"{added} new, in {store.url}", highlight=False, soft_wrap=True)
         if plan_only:
             return
+        from orchestrator.driver import Driver
+
         summary = Driver(store, sweep_spec.name, sweep_spec, _store_url(store),
                          address=address, ship=ship, actors=actors, progress=progress).run()
         _finish(summary, db_flags(db or sweep_spec.database, sweep_spec.output))

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from db.store import UnitSpec, connect
-from orchestrator import store_adapter
 from orchestrator.model_meta import MetaFn, model_meta
 from orchestrator.planner import Plan, plan, sweep_hash
 from orchestrator.spec import SweepSpec, spec_from_dict
@@ -25,7 +24,10 @@ def submit(spec: SweepSpec, db_url: str | None = None, meta_fn: MetaFn = model_m
     base_plan = plan(spec, meta_fn=meta_fn)  # validates every model before any write
     check_output_dir(spec.output)
     store = connect(db_url or spec.database, output_dir=spec.output)
-    existing = store_adapter.existing_params(store, spec.name)
+    try:
+        existing = store.unit_params(spec.name)
+    except InvalidInput:  # a new sweep has no units
+        existing = []
     the_plan = plan(spec, existing=existing, metas=base_plan.metas) if existing else base_plan
     store.create_sweep(spec.name, the_plan.spec, sweep_hash(spec), spec.output)
     added = store.add_units(spec.name, [UnitSpec(u.key, u.group, u.params, u.n_cells)

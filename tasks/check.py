@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tasks.engine import clean_pass, perturb_group
 from tasks.errors import UnisweepError
 
 # Relative tolerance per dtype for "the same numbers": identical ops give ~0; the suffix
@@ -55,8 +56,6 @@ def startup_check(lm, n: int = 12) -> dict[str, float]:
     Returns the relative difference per compared level (resid_pre[l], resid_final,
     sections[l], logits, prefix_reuse).
     """
-    from tasks.engine import clean_pass, perturb_group
-
     model, ad = lm.model, lm.adapter
     L = lm.n_layers
     n = min(n, lm.max_positions)

@@ -17,8 +17,9 @@ import torch.autograd.forward_ad as fwAD
 from transformers import DynamicCache
 
 from tasks.kl import kl_from_logit_change
-from tasks.models import LoadedModel
+from tasks.model_handle import LoadedModel
 from tasks.prompts import Prompt
+from tasks.tabulate import concat_tables, responses_to_table
 from tasks.validation import check_grid
 
 # Rows per forward pass on the CPU; callers (the GPU path) pass a larger max_rows.
@@ -343,8 +344,6 @@ def compute_responses(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[
 
     Validates all arguments before any compute. Prompts of equal length share passes.
     """
-    from tasks.tabulate import concat_tables, responses_to_table
-
     grid = check_grid(lm, prompts, lps, positions, eps, directions, record_layers,
                       record_positions, max_rows)
     tables = []

@@ -98,7 +98,7 @@ def count_parameters(name: str) -> int:
 
 
 def _token_space(cfg):
-    from tasks.models import TokenSpace
+    from tasks.model_handle import TokenSpace  # imports torch: see TYPE_CHECKING above
 
     special = {t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) if t is not None}
     if cfg.model_type == "llama":
@@ -139,8 +139,8 @@ def load_shape(name: str, dtype: torch.dtype, device: torch.device):
     from transformers import initialization as hf_init
 
     cfg = shape_config(name)
-    # Hashed before loading: from_config writes the dtype into the config.
-    cfg_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    # Before loading: from_config writes the dtype into the config.
+    identity = shape_identity(name)
     # Allocate directly on the device in the target dtype; skip HF's per-module init (slow
     # on billions of parameters) and draw the seeded weights ourselves.
     with torch.device(device), hf_init.no_init_weights():
@@ -149,6 +149,12 @@ def load_shape(name: str, dtype: torch.dtype, device: torch.device):
     model.tie_weights()
     _seeded_init(model, cfg.model_type)
     model.eval()
-    identity = {"name": f"shape:{name}", "not_real_weights": "true",
-                "config_sha256": cfg_hash.hexdigest(), "init_seed": str(INIT_SEED)}
     return model, _token_space(cfg), identity
+
+
+def shape_identity(name: str) -> dict[str, str]:
+    """The identity in a shape's unit keys: its published config (hashed) and init seed."""
+    cfg_hash = hashlib.sha256(json.dumps(shape_config(name).to_dict(), sort_keys=True,
+                                         default=str).encode())
+    return {"name": f"shape:{name}", "not_real_weights": "true",
+            "config_sha256": cfg_hash.hexdigest(), "init_seed": str(INIT_SEED)}
