@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from tasks.directions import random_directions
-from tasks.engine import DEFAULT_MAX_ROWS, compute_responses, suffix_start
+from tasks.engine import compute_responses, suffix_start
 from tasks.models import load_model
 from tasks.prompts import make_prompts
 
@@ -434,7 +434,7 @@ def main() -> None:
     print(f"grid: T={args.T} (n={2 * args.T + 1}), lp in {{0, L/4, L/2, 3L/4}}, "
           f"{args.eps_count} eps in [1e-5, 1] x {args.directions} directions, repeat + control; "
           f"{'all' if not args.positions else args.positions} positions of copy 1 timed; "
-          f"max_rows {args.max_rows} (engine default {DEFAULT_MAX_ROWS})")
+          f"max_rows {args.max_rows} (engine default: from the memory budget)")
     if shapes:
         print("`*` = shape-only model, random weights (not real weights)\n")
         print("| model | dtype | cells/s | tokens/s | TFLOP/s | % of torch.mm | % of dense peak "
