@@ -5,8 +5,8 @@ pending ones. On (sweep_id, [group,] status, id) that scan visited every live le
 group (43 ms on 100k units with 5,000 leased); on (sweep_id, [group,] status, lease_expires)
 it is a range that is empty in the common case. reclaim_expired uses the same indexes.
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 Create Date: 2026-11-27
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 
