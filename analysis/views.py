@@ -32,6 +32,11 @@ OFFSET_CLASS_SQL = """CASE
 # Linear rows (eps NULL) already hold the eps -> 0 limit of R/eps.
 CHI_SQL = "CASE WHEN eps IS NULL THEN r ELSE r / eps END"
 
+# A model planned from `revisions:` has the id NAME@REVISION (tasks.hub): its revision (NULL
+# for other models) and its name without it, so training checkpoints group and order.
+REVISION_SQL = "NULLIF(regexp_extract(model, '@([^@/]+)$', 1), '')"
+MODEL_NAME_SQL = "regexp_replace(model, '@[^@/]+$', '')"
+
 
 
 def open_sweep(
@@ -45,7 +50,8 @@ def open_sweep(
     """An in-memory DuckDB connection with views `responses`, `heads`, `units` and `sweeps`.
 
     `responses` reads exactly `shard_paths` (the done shards from the database, never a
-    glob) and adds `chi`, `delta` (= i - j), `offset_class` and `depth` (= l / n_layers).
+    glob) and adds `chi`, `delta` (= i - j), `offset_class`, `depth` (= l / n_layers),
+    `revision` and `model_name` (the model id split at '@', for checkpoint sweeps).
     `heads` reads the head_responses files those shards name and adds `chi_head` (r_head per
     unit eps), `delta`, `offset_class` and `depth` alike.
     With `lock`, the connection can afterwards read only those files and cannot change
@@ -68,7 +74,8 @@ def open_sweep(
     con.execute(
         f"""CREATE VIEW responses AS
         SELECT *, {CHI_SQL} AS chi, i - j AS delta, {OFFSET_CLASS_SQL} AS offset_class,
-               l::DOUBLE / n_layers AS depth
+               l::DOUBLE / n_layers AS depth, {REVISION_SQL} AS revision,
+               {MODEL_NAME_SQL} AS model_name
         FROM {source}"""
     )
     head_paths = [str(Path(h.path).resolve()) for p in paths if (h := head_shard(p)) is not None]

@@ -165,11 +165,13 @@ def _ms(fn, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def poll_bench(backend: str, n_units: int, n_groups: int = 10, rounds: int = 5) -> list[tuple[str, float, float | None]]:
+def poll_bench(backend: str, n_units: int, n_groups: int = 10, rounds: int = 5,
+               with_before: bool = True) -> list[tuple[str, float, float | None]]:
     """(question, ms now, ms before) on a sweep of n_units in n_groups groups.
 
     The state an idle worker sees: its group "g0" has nothing pending (half done, half leased
     by another worker), the other groups are pending. Methods are interleaved round by round.
+    with_before=False skips the whole-table reads (a minute each on a loaded machine).
     """
     with fresh_db(backend) as url:
         store = connect(url)
@@ -206,7 +208,7 @@ def poll_bench(backend: str, n_units: int, n_groups: int = 10, rounds: int = 5) 
             for q, (new, old) in questions.items():
                 reps = 1 if q.startswith("unit_params") else 20
                 now[q].append(_ms(new, reps))
-                if old is not None:
+                if old is not None and with_before:
                     before[q].append(_ms(old, 1))
         store.close()
     return [(q, statistics.median(now[q]), statistics.median(before[q]) if before[q] else None)
@@ -223,6 +225,8 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="also time a bare UPDATE commit per backend")
     ap.add_argument("--poll", action="store_true",
                     help="time the queue questions (idle worker poll, driver) instead; --units default 100000")
+    ap.add_argument("--no-before", action="store_true",
+                    help="with --poll: skip the whole-table reads the questions replaced")
     ap.add_argument("--pg-async-commit", action="store_true",
                     help="PostgreSQL with synchronous_commit=off (set in the URL, no code change)")
     args = ap.parse_args()
@@ -236,7 +240,7 @@ def main() -> None:
         print("| backend | question | ms now | ms before | load average |")
         print("|---|---|---:|---:|---:|")
         for backend in args.backend:
-            for q, ms, old in poll_bench(backend, n):
+            for q, ms, old in poll_bench(backend, n, with_before=not args.no_before):
                 print(f"| {backend} | {q} | {ms:.2f} | {'-' if old is None else f'{old:.0f}'} | "
                       f"{os.getloadavg()[0]:.1f} |", flush=True)
         return

@@ -86,6 +86,10 @@ class Unit(Base):
         Index("ix_units_sweep_status_id", "sweep_id", "status", "id"),
         Index("ix_units_sweep_group_status_id", "sweep_id", "group", "status", "id"),
         Index("ix_units_lease_owner", "lease_owner"),
+        # The expired-lease scan (leasing, reclaim): a range on lease_expires, so an idle
+        # worker's poll does not walk the live leases of its group (migration 0003).
+        Index("ix_units_sweep_status_expires", "sweep_id", "status", "lease_expires"),
+        Index("ix_units_sweep_group_status_expires", "sweep_id", "group", "status", "lease_expires"),
     )
 
 

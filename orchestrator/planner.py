@@ -237,10 +237,12 @@ def plan(spec: SweepSpec, existing: Iterable[dict[str, Any]] = (), meta_fn: Meta
     """Units for `spec` that the cells of `existing` unit params do not cover yet.
 
     Same spec twice -> no unit; a wider grid (eps, positions, layers, prompts, models) ->
-    units for the new cells only; the old units keep their keys.
+    units for the new cells only; the old units keep their keys. `metas` comes from a caller
+    that already ran validate_models and check_unit_count (submit: checks before any write).
     """
-    metas = metas if metas is not None else validate_models(spec, meta_fn)
-    check_unit_count(spec, metas)
+    if metas is None:
+        metas = validate_models(spec, meta_fn)
+        check_unit_count(spec, metas)
     covered = _covered(existing)
     eps_all = tuple(spec.eps_list())
     positions = spec.position_list()

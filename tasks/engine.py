@@ -96,10 +96,6 @@ def _replace_hidden(args, kwargs, new: torch.Tensor):
     return args, {**kwargs, "hidden_states": new}
 
 
-def _first(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 # ---------------------------------------------------------------------------------------------
 # One suffix pass: hooks that inject the perturbation and reduce activations to norms.
 
@@ -159,7 +155,7 @@ def _hooks(lm: LoadedModel, plan: _PassPlan, rec: _Recorder, inject):
     handles, skipped = [], []
     for b in range(plan.first_block):
         # Blocks below lp change nothing we keep: their output is replaced at lp's input.
-        blocks[b].forward = _identity_block
+        blocks[b].forward = ad.passthrough
         skipped.append(blocks[b])
     for b in range(plan.first_block, len(blocks)):
         def pre(_m, args, kwargs, b=b):
@@ -169,9 +165,9 @@ def _hooks(lm: LoadedModel, plan: _PassPlan, rec: _Recorder, inject):
             return args, kwargs
         handles.append(blocks[b].register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(ad.attn_module(blocks[b]).register_forward_hook(
-            lambda _m, _a, out, b=b: rec.section(rec.attn, b, _first(out))))
+            lambda _m, _a, out, b=b: rec.section(rec.attn, b, ad.section_output(out))))
         handles.append(ad.mlp_module(blocks[b]).register_forward_hook(
-            lambda _m, _a, out, b=b: rec.section(rec.mlp, b, _first(out))))
+            lambda _m, _a, out, b=b: rec.section(rec.mlp, b, ad.section_output(out))))
         if rec.heads is not None:
             handles.append(rec.heads.hook(blocks[b], b))
     n_layers = len(blocks)
@@ -184,10 +180,6 @@ def _hooks(lm: LoadedModel, plan: _PassPlan, rec: _Recorder, inject):
             h.remove()
         for blk in skipped:
             del blk.forward
-
-
-def _identity_block(hidden_states, *args, **kwargs):
-    return hidden_states
 
 
 def _kl_rows(lm: LoadedModel, normed: torch.Tensor, plan: _PassPlan,

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.catalog import ALIASES, TINY_FAMILIES
+from tasks.catalog import ALIASES
+from tasks.config_facts import CONFIG_FACTS
 from tasks.errors import InvalidInput, UnisweepError
 from tasks.gguf_header import read_header
 
@@ -105,43 +106,27 @@ def _assemble_gemma3(folder: Path) -> Path:
 
 
 def tiny_config(family: str) -> Any:
-    """Tiny random-initialised configs of the paper's families (no download)."""
-    cfg = _tiny_family_config(family)
-    # Gemma-2 has no SDPA path in HF; the others take SDPA like real loads do.
-    cfg._attn_implementation = "eager" if family == "gemma2" else "sdpa"
+    """The config of tiny:<family> (tasks/tiny.py) with the attention load_model builds."""
+    from transformers import AutoModelForCausalLM  # on use
+
+    from tasks.tiny import tiny_config as build
+
+    cfg = build(family)
+    # SDPA like real loads take, where the family has it (not Gemma-2's soft-capped attention).
+    sdpa = family != "gemma2" and getattr(
+        AutoModelForCausalLM._model_mapping[type(cfg)], "_supports_sdpa", False)
+    cfg._attn_implementation = "sdpa" if sdpa else "eager"
     return cfg
-
-
-def _tiny_family_config(family: str) -> Any:
-    from transformers import Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig  # on use
-
-    common = dict(vocab_size=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "gpt2":
-        return GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=128, **common)
-    if family == "llama":
-        return LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=128, **common)
-    if family == "gemma2":
-        # A sliding window shorter than the test prompts exercises the hybrid attention path.
-        # No attention soft-capping: HF runs that only in eager attention, whose float32
-        # softmax would break the float64 exactness tests; logit soft-capping stays.
-        return Gemma2Config(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            max_position_embeddings=128, sliding_window=8,
-                            final_logit_softcapping=30.0, attn_logit_softcapping=None, **common)
-    if family == "gemma3":
-        return Gemma3TextConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                max_position_embeddings=128, sliding_window=8,
-                                layer_types=["sliding_attention", "full_attention"] * 2, **common)
-    raise InvalidInput("model", ", ".join(f"tiny:{f}" for f in TINY_FAMILIES), f"tiny:{family}")
 
 
 def tiny_identity(family: str, cfg: Any) -> dict[str, str]:
     """Identity of a tiny model: its config as built by from_config (which records the dtype)."""
     cfg_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    return {"name": f"tiny:{family}", "config_sha256": cfg_hash.hexdigest(), "init_seed": "0"}
+    return tiny_identity_of(family, cfg_hash.hexdigest())
+
+
+def tiny_identity_of(family: str, config_sha256: str) -> dict[str, str]:
+    return {"name": f"tiny:{family}", "config_sha256": config_sha256, "init_seed": "0"}
 
 
 def gguf_identity(path: Path, digest: str) -> dict[str, str]:
@@ -149,20 +134,9 @@ def gguf_identity(path: Path, digest: str) -> dict[str, str]:
 
 
 def unknown_model(name: str, exc: Exception) -> InvalidInput:
-    return InvalidInput(
-        "model",
-        f"an alias ({', '.join(ALIASES)}), tiny:<{'|'.join(TINY_FAMILIES)}>, shape:<name>, "
-        "a local model folder, a .gguf file, or a hub name in the local HF cache",
-        name, detail=str(exc).splitlines()[0][:200])
+    from tasks.hub import ALLOWED
 
-
-def pretrained_identity(name: str, config: Any) -> dict[str, str]:
-    """Hub name + commit, or for a local folder the sha256 of its config.json."""
-    revision = getattr(config, "_commit_hash", None) or "local"
-    if Path(name).is_dir():
-        cfg_file = Path(name) / "config.json"
-        revision = _sha256_file(cfg_file)[:16] if cfg_file.exists() else "local"
-    return {"name": name, "revision": str(revision)}
+    return InvalidInput("model", ALLOWED, name, detail=str(exc).splitlines()[0][:200])
 
 
 def gguf_path(name: str) -> Path:
@@ -185,12 +159,29 @@ def _config_info(name: str, cfg: Any, identity: dict[str, str]) -> ModelInfo:
 def model_info(name: str) -> ModelInfo:
     """Depth, width, context, vocabulary and identity of a model, without loading weights.
 
-    Reads the transformers config (hub name, folder, tiny:*, shape:*) or the GGUF header; the
+    Stored facts for shape:* and the paper's tiny:* (tasks/config_facts.py, no torch), else the
+    transformers config (hub name, folder, other tiny:*) or the GGUF header; the
     identity is the one load_model gives (without its dtype), so unit keys do not depend on
     which of the two computed it.
     """
     if not isinstance(name, str) or not name:
         raise InvalidInput("model", "a non-empty model name", name)
+    if name in CONFIG_FACTS:
+        # tiny: and shape: models: stored facts, so planning them imports no torch.
+        n_layers, d_model, context, vocab, config_sha256 = CONFIG_FACTS[name]
+        if name.startswith(TINY_PREFIX):
+            identity = tiny_identity_of(name[len(TINY_PREFIX):], config_sha256)
+        else:
+            from tasks.shapes import shape_identity_of  # torch-free at import
+
+            identity = shape_identity_of(name[len("shape:"):], config_sha256)
+        return ModelInfo(name=name, model_id=name, n_layers=n_layers, d_model=d_model,
+                         max_positions=context, identity=identity, vocab_size=vocab)
+    return config_model_info(name)
+
+
+def config_model_info(name: str) -> ModelInfo:
+    """model_info read from the config or GGUF header itself (no stored facts)."""
     if name.startswith(TINY_PREFIX):
         # torch on use only: planning GGUF models never imports it (transformers configs do).
         import torch
@@ -225,8 +216,13 @@ def model_info(name: str) -> ModelInfo:
                          vocab_size=None if vocab is None else int(vocab))
     from transformers import AutoConfig  # on use, as above
 
+    from tasks import hub
+
+    base, revision = hub.split_revision(name)
+    src = hub.resolve(base, revision)  # unknown names fail here, without network retries
     try:
-        cfg = AutoConfig.from_pretrained(name)
+        cfg = AutoConfig.from_pretrained(src.location, revision=src.revision,
+                                         cache_dir=src.cache_dir, local_files_only=src.local_only)
     except (OSError, ValueError) as exc:
         raise unknown_model(name, exc) from exc
-    return _config_info(name, cfg, pretrained_identity(name, cfg))
+    return _config_info(name, cfg, hub.identity(base, src, revision))

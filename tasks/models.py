@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tasks import hub
 from tasks.adapters import adapter_for
 from tasks.check import startup_check
 from tasks.errors import InvalidInput
@@ -27,13 +28,12 @@ from tasks.model_catalog import (
     gguf_path,
     install_alias,
     model_info,
-    pretrained_identity,
     tiny_config,
     tiny_identity,
     unknown_model,
 )
 from tasks.model_handle import LoadedModel, TokenSpace, check_device, check_dtype
-from tasks.precision import keep_norms_in_float64, use_float64_attention
+from tasks.precision import keep_norms_in_float64, use_eager_experts, use_float64_attention
 from tasks.shapes import load_shape
 
 # Re-exported: what a name means lives in tasks.model_catalog; callers may import it from here.
@@ -48,6 +48,12 @@ def _token_space_from_tokenizer(tok, vocab_size: int) -> TokenSpace:
             special.add(int(tid))
     size = min(vocab_size, len(tok))
     return TokenSpace(size, tok.bos_token_id, frozenset(t for t in special if t < size))
+
+
+def _token_space_from_config(cfg) -> TokenSpace:
+    ids = (getattr(cfg, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id"))
+    special = frozenset(int(t) for t in ids if isinstance(t, int))
+    return TokenSpace(int(cfg.vocab_size), getattr(cfg, "bos_token_id", None), special)
 
 
 def _load_tiny(family: str, dtype: torch.dtype, device: torch.device):
@@ -91,18 +97,33 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
 
 
 def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device):
+    """A folder or hub name from the local HF cache, optionally NAME@REVISION (tasks.hub).
+
+    Returns (model, tokenizer or None when the checkpoint has none, identity).
+    """
+    base, revision = hub.split_revision(name)
+    src = hub.resolve(base, revision)  # unknown names fail here, without network retries
+    where = dict(revision=src.revision, cache_dir=src.cache_dir, local_files_only=src.local_only)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **where)
     except (OSError, ValueError) as exc:
         raise unknown_model(name, exc) from exc
+    tok = None  # a bare checkpoint (e.g. random-init): the config's special ids are used
+    if hub.has_tokenizer(src):
+        try:
+            tok = AutoTokenizer.from_pretrained(src.location, **where)
+        except (OSError, ValueError) as exc:
+            raise InvalidInput("model", "a checkpoint whose tokenizer loads", name,
+                               detail=str(exc).splitlines()[0][:200]) from exc
     model.to(device=device).eval()
-    return model, tok, pretrained_identity(name, model.config)
+    return model, tok, hub.identity(base, src, revision)
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu",
                check: bool = True) -> LoadedModel:
     """Load a causal LM by alias, tiny:<family>, shape:<name>, hub name, folder or .gguf path.
+
+    Hub names and folders may carry a revision, NAME@REVISION (tasks.hub).
 
     With check=True (default) the start-up check runs: the hooked residual stream must equal
     the plain HF forward, or the model is refused (tasks.check.StartupCheckFailed).
@@ -125,10 +146,12 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu",
                 identity["alias"] = name
         else:
             model, tokenizer, identity = _load_pretrained(name, torch_dtype, dev)
-        space = _token_space_from_tokenizer(tokenizer, model.config.vocab_size)
+        space = (_token_space_from_tokenizer(tokenizer, model.config.vocab_size)
+                 if tokenizer is not None else _token_space_from_config(model.config))
     identity["dtype"] = dtype
     if torch_dtype == torch.float64:
         keep_norms_in_float64(model)
+        use_eager_experts(model)
         if model.config._attn_implementation == "eager":
             use_float64_attention(model)
     lm = LoadedModel(model=model, tokenizer=tokenizer, token_space=space,

@@ -64,12 +64,39 @@ def _attention_in_input_dtype(module, query, key, value, attention_mask, scaling
 FLOAT64_ATTENTION = "unisweep_float64_eager"
 
 
+def _gptj_attn_in_input_dtype(self, query, key, value, attention_mask=None):
+    """GPT-J's eager attention (GPTJAttention._attn) without its float32 round trip."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) / self.scale_attn
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1)
+    return torch.matmul(weights, value), weights
+
+
+# Eager attentions outside HF's AttentionInterface that compute in float32: class -> method.
+_OWN_EAGER_ATTENTION = {"GPTJAttention": ("_attn", _gptj_attn_in_input_dtype)}
+
+
 def use_float64_attention(model: nn.Module) -> None:
     """Switch an eager-attention model to the float64-faithful eager attention."""
     from transformers import AttentionInterface
+
+    if not model._can_set_attn_implementation():
+        for mod in model.modules():
+            if type(mod).__name__ in _OWN_EAGER_ATTENTION:
+                name, fn = _OWN_EAGER_ATTENTION[type(mod).__name__]
+                setattr(mod, name, types.MethodType(fn, mod))
+        return
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
     AttentionInterface.register(FLOAT64_ATTENTION, _attention_in_input_dtype)
     # Without a registered mask builder HF would pass no mask at all (non-causal attention).
     AttentionMaskInterface.register(FLOAT64_ATTENTION, eager_mask)
     model.set_attn_implementation(FLOAT64_ATTENTION)
+
+
+def use_eager_experts(model: nn.Module) -> None:
+    """Mixture-of-experts layers: the per-expert loop, as grouped matmul kernels lack float64."""
+    impl = getattr(model.config, "_experts_implementation", None)
+    if impl not in (None, "eager") and hasattr(model, "set_experts_implementation"):
+        model.set_experts_implementation("eager")

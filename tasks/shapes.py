@@ -156,5 +156,9 @@ def shape_identity(name: str) -> dict[str, str]:
     """The identity in a shape's unit keys: its published config (hashed) and init seed."""
     cfg_hash = hashlib.sha256(json.dumps(shape_config(name).to_dict(), sort_keys=True,
                                          default=str).encode())
+    return shape_identity_of(name, cfg_hash.hexdigest())
+
+
+def shape_identity_of(name: str, config_sha256: str) -> dict[str, str]:
     return {"name": f"shape:{name}", "not_real_weights": "true",
-            "config_sha256": cfg_hash.hexdigest(), "init_seed": str(INIT_SEED)}
+            "config_sha256": config_sha256, "init_seed": str(INIT_SEED)}

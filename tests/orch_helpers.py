@@ -25,6 +25,11 @@ FAULT_SITE = ROOT / "tests" / "fault_site"
 # Seconds each unit of a worker sleeps before computing, so a test can kill it mid-unit
 # (read by tests/fault_site/sitecustomize.py in the workers).
 UNIT_DELAY_ENV = "UNISWEEP_TEST_UNIT_DELAY_S"
+# How long a test waits for a driver's first actor to lease a unit: joining Ray, starting an
+# actor process, importing torch and loading the model. Seconds on an idle machine, minutes
+# on a loaded one; the driver's own limit for actor start-up is the same 600 s
+# (orchestrator/driver.py), so a hung start still fails the test.
+ACTOR_START_S = 600.0
 _HOME: Path | None = None
 _HOME_BEFORE: str | None = None
 

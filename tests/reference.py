@@ -28,10 +28,11 @@ def _run(lm, ids, lp=None, j=None, delta=None):
             resid[b] = h[0].clone()
             return args, kwargs
         handles.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+        # section_output: the module's output times the block's residual multiplier (Granite).
         handles.append(ad.attn_module(blk).register_forward_hook(
-            lambda _m, _a, o, b=b: attn.__setitem__(b, (o[0] if isinstance(o, tuple) else o)[0].clone())))
+            lambda _m, _a, o, b=b: attn.__setitem__(b, ad.section_output(o)[0].clone())))
         handles.append(ad.mlp_module(blk).register_forward_hook(
-            lambda _m, _a, o, b=b: mlp.__setitem__(b, (o[0] if isinstance(o, tuple) else o)[0].clone())))
+            lambda _m, _a, o, b=b: mlp.__setitem__(b, ad.section_output(o)[0].clone())))
     L = len(blocks)
     handles.append(ad.final_norm_module(model).register_forward_pre_hook(
         lambda _m, a: resid.__setitem__(L, a[0][0].clone())))
@@ -58,6 +59,67 @@ def naive_cell(lm, ids: torch.Tensor, lp: int, j: int, eps: float, direction: to
     logp = torch.log_softmax(z0.to(rdtype), -1)
     logq = torch.log_softmax(z1.to(rdtype), -1)
     kl = (logq.exp() * (logq - logp)).sum(-1)
+    return r, r_attn, r_mlp, kl
+
+
+def naive_linear_cell(lm, ids: torch.Tensor, lp: int, j: int, direction: torch.Tensor,
+                      rdtype=torch.float64):
+    """The eps -> 0 limits R/eps [L+1, n], R_attn/eps, R_mlp/eps [L, n] and KL/eps^2 [n] of one
+    cell: one full HF forward with forward-mode AD, the tangent ||x_lp(j)|| u seeded at block
+    lp's input (SDPA on its math backend, which forward AD can differentiate)."""
+    import torch.autograd.forward_ad as fwAD
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, ad = lm.model, lm.adapter
+    blocks = ad.block_list(model)
+    resid, attn, mlp, handles = {}, {}, {}, []
+
+    def tangent(t):  # cloned: some blocks add into a section output in place (Falcon)
+        d = fwAD.unpack_dual(t).tangent
+        return None if d is None else d.clone()
+
+    for b, blk in enumerate(blocks):
+        def pre(_m, args, kwargs, b=b):
+            h = args[0] if args else kwargs["hidden_states"]
+            if b == lp:
+                t = torch.zeros_like(h)
+                t[0, j] = (h[0, j].to(rdtype).norm() * direction.to(rdtype)).to(h.dtype)
+                h = fwAD.make_dual(h, t)
+                if args:
+                    args = (h, *args[1:])
+                else:
+                    kwargs = {**kwargs, "hidden_states": h}
+            resid[b] = (h[0].clone(), tangent(h))
+            return args, kwargs
+        handles.append(blk.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(ad.attn_module(blk).register_forward_hook(
+            lambda _m, _a, o, b=b: attn.__setitem__(b, tangent(ad.section_output(o)))))
+        handles.append(ad.mlp_module(blk).register_forward_hook(
+            lambda _m, _a, o, b=b: mlp.__setitem__(b, tangent(ad.section_output(o)))))
+    L = len(blocks)
+    handles.append(ad.final_norm_module(model).register_forward_pre_hook(
+        lambda _m, a: resid.__setitem__(L, (fwAD.unpack_dual(a[0]).primal[0].clone(), tangent(a[0])))))
+    try:
+        with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), fwAD.dual_level():
+            out = model(input_ids=ids[None])
+            z, dz = fwAD.unpack_dual(out.logits)
+            z, dz = z[0].to(rdtype), dz[0].to(rdtype)
+            resid = {k: (fwAD.unpack_dual(p).primal, t) for k, (p, t) in resid.items()}
+    finally:
+        for h in handles:
+            h.remove()
+
+    def norm(t, n_pos):  # a tangent that never formed (before lp) is an exact zero
+        return t[0].to(rdtype).norm(dim=-1) if t is not None else torch.zeros(n_pos, dtype=rdtype)
+
+    n = ids.shape[0]
+    den = torch.stack([resid[lvl][0].to(rdtype).norm(dim=-1) for lvl in range(L + 1)])
+    r = torch.stack([norm(resid[lvl][1], n) for lvl in range(L + 1)]) / den
+    r_attn = torch.stack([norm(attn.get(b), n) for b in range(L)]) / den[:-1]
+    r_mlp = torch.stack([norm(mlp.get(b), n) for b in range(L)]) / den[:-1]
+    p = torch.softmax(z, -1)
+    mean = (p * dz).sum(-1)
+    kl = 0.5 * ((p * dz * dz).sum(-1) - mean * mean)  # KL/eps^2 -> Var_p(dz)/2
     return r, r_attn, r_mlp, kl
 
 

@@ -256,3 +256,26 @@ def test_password_never_logged(tmp_path: Path, caplog: pytest.LogCaptureFixture)
             store.close()
         assert store.url.startswith("postgresql+psycopg://postgres:***@")
         assert caplog.records and "Pw-s3cret-42" not in caplog.text
+
+
+@pytest.mark.parametrize("by_group", [False, True])
+def test_expired_lease_scan_uses_expiry_index(tmp_path: Path, by_group: bool) -> None:
+    """The scan an idle worker runs first is a range on lease_expires, not a walk of live leases.
+
+    SQLite's plan is deterministic without statistics; PostgreSQL's depends on them (bench/db.py
+    --poll times it there)."""
+    from db import leasing
+
+    store = connect(f"sqlite:///{tmp_path / 'q.db'}")
+    _sweep(store, tmp_path, n=4)
+    stmt = leasing._lease_stmt(False, by_group, False, expired=True)
+    params = {"p_sweep": 1, "p_now": leasing.utcnow(), "p_n": 1, "p_worker": "w",
+              "p_expires": leasing.utcnow(), "p_group": "g", "p_max": None}
+    with store.engine.connect() as conn:
+        compiled = stmt.compile(conn)
+        args = compiled.construct_params(params)
+        plan = " ".join(str(r) for r in conn.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + str(compiled), tuple(args[k] for k in compiled.positiontup)).all())
+    want = "ix_units_sweep_group_status_expires" if by_group else "ix_units_sweep_status_expires"
+    assert want in plan and "lease_expires<?" in plan, plan
+    store.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.orch_helpers import (
+    ACTOR_START_S,
     UNIT_DELAY_ENV,
     check_complete,
     cli,
@@ -61,14 +62,14 @@ def test_sigkill_driver_then_resume(address: str, db_url: str, tmp_path: Path) -
                                                        resources={"cpus_per_actor": 1}))
     # Moment 1: right after the first lease, before anything is done.
     p = cli("run", str(spec), "--actors", "1", *_args(address, db_url))
-    assert wait_for(lambda: _sweep_ready(db_url, "killed"), 60)
+    assert wait_for(lambda: _sweep_ready(db_url, "killed"), ACTOR_START_S)
     store = _store(db_url)
-    assert wait_for(lambda: _count(store, "killed", "leased") >= 1, 60)
+    assert wait_for(lambda: _count(store, "killed", "leased") >= 1, ACTOR_START_S)
     sigkill(p)
     assert _count(store, "killed", "done") == 0
     # Moment 2: a second run (adds no unit), killed once a few more units are done.
     p = cli("run", str(spec), "--actors", "1", *_args(address, db_url))
-    assert wait_for(lambda: _count(store, "killed", "done") >= 3, 90)
+    assert wait_for(lambda: _count(store, "killed", "done") >= 3, ACTOR_START_S)
     sigkill(p)
     done_mid = _count(store, "killed", "done")
     assert 3 <= done_mid < 12
@@ -87,9 +88,9 @@ def test_ctrl_c_releases_leases(address: str, tmp_path: Path) -> None:
     spec = write_spec(tmp_path / "s.yaml", spec_dict("ctrlc", tmp_path / "out",
                                                        resources={"cpus_per_actor": 1}))
     p = cli("run", str(spec), "--actors", "1", *_args(address, db_url))
-    assert wait_for(lambda: _sweep_ready(db_url, "ctrlc"), 60)
+    assert wait_for(lambda: _sweep_ready(db_url, "ctrlc"), ACTOR_START_S)
     store = _store(db_url)
-    assert wait_for(lambda: _count(store, "ctrlc", "done") >= 2, 60)
+    assert wait_for(lambda: _count(store, "ctrlc", "done") >= 2, ACTOR_START_S)
     p.send_signal(signal.SIGINT)
     out, _ = p.communicate(timeout=60)
     assert p.returncode == 130, out

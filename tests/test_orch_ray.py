@@ -20,6 +20,7 @@ from tasks.errors import UnisweepError
 from tasks.layout import ENGINE_SCHEMA, SHARD_SCHEMA
 from tasks.run_unit import NonFiniteResponse, add_unit_columns, check_finite
 from tests.orch_helpers import (
+    ACTOR_START_S,
     UNIT_DELAY_ENV,
     check_complete,
     spec_dict,
@@ -142,9 +143,11 @@ def test_kill_actor_mid_unit(ray_delay: str, tmp_path: Path) -> None:
     th = threading.Thread(target=lambda: result.update(summary=driver.run()), daemon=True)
     th.start()
     probe = connect(db_url)
-    # Wait until some actor holds a lease, then kill that very actor mid-unit.
-    assert wait_for(lambda: any(r["status"] == "leased" for r in units(probe, spec.name))
-                    and len(driver.slots) == 2, 60)
+    # Wait until both actors are up (the driver itself gives up after ACTOR_START_S: start-up
+    # time depends on the machine's load, not on the code under test), then until some actor
+    # holds a lease, and kill that very actor mid-unit.
+    assert wait_for(lambda: len(driver.slots) == 2 or not th.is_alive(), ACTOR_START_S)
+    assert wait_for(lambda: any(r["status"] == "leased" for r in units(probe, spec.name)), 60)
     leased = next(r for r in units(probe, spec.name) if r["status"] == "leased")
     victim = next(s for s in driver.slots if s.worker_id == leased["lease_owner"])
     ray.kill(victim.actor, no_restart=False)

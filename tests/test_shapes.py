@@ -13,7 +13,7 @@ from tasks.engine import compute_responses
 from tasks.errors import InvalidInput
 from tasks.models import load_model
 from tasks.prompts import make_prompts
-from tasks.shapes import SHAPES, count_parameters, load_shape, shape_config
+from tasks.shapes import SHAPES, count_parameters, load_shape, shape_config, shape_identity
 
 PUBLISHED = {"gemma-2-2b": 2.61e9, "llama-3.2-3b": 3.21e9, "gpt2-xl": 1.56e9, "gpt2-small": 124e6}
 
@@ -110,3 +110,29 @@ def test_shape_runs_the_engine(shape_lm):
 
 def test_all_shapes_are_listed():
     assert set(PUBLISHED) | {"gemma-2-2b/4", "llama-3.2-3b/4", "gpt2-xl/4"} == set(SHAPES)
+
+
+def test_stored_config_facts_match_transformers():
+    """Planning reads tasks/config_facts.py; every entry is what the transformers config gives,
+    and the identity load_model records for the model carries the same config hash."""
+    import subprocess
+    import sys
+
+    from tasks.config_facts import CONFIG_FACTS, computed_facts
+    from tasks.model_catalog import model_info
+
+    # Every shape and the paper's four tiny families (the other tiny families read their
+    # configs: planning them imports torch).
+    expected = {f"tiny:{f}" for f in ("gpt2", "llama", "gemma2", "gemma3")} | {f"shape:{s}" for s in SHAPES}
+    assert set(CONFIG_FACTS) == expected
+    for name in CONFIG_FACTS:
+        assert CONFIG_FACTS[name] == computed_facts(name), f"{name}: python -m tasks.config_facts"
+    assert shape_identity("gpt2-small") == model_info("shape:gpt2-small").identity
+    lm = load_model("tiny:gemma3", dtype="float32", device="cpu")
+    assert {k: v for k, v in lm.identity.items() if k != "dtype"} == model_info("tiny:gemma3").identity
+    # Planning these models imports neither torch nor transformers.
+    code = ("import sys; from tasks.model_catalog import model_info; "
+            "[model_info(n) for n in " + repr(sorted(CONFIG_FACTS)) + "]; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
