@@ -23,22 +23,25 @@ from dataclasses import dataclass
 import torch
 
 from tasks.directions import random_directions
-from tasks.engine import DEFAULT_MAX_ROWS, compute_responses, suffix_start
+from tasks.engine import compute_responses
 from tasks.models import load_model
 from tasks.prompts import make_prompts
 
 CPU_SHAPES = ["gpt2-small", "gpt2-xl/4", "gemma-2-2b/4", "llama-3.2-3b/4", "smollm2-135m"]
 GPU_SHAPES = ["gemma-2-2b", "llama-3.2-3b", "gpt2-xl", "smollm2-135m"]
-# Dense (no sparsity) datasheet peaks, FLOP/s; float32 is the non-tensor-core rate
-# (torch leaves TF32 off for matmuls by default).
-DENSE_PEAK = {"H100": {torch.bfloat16: 989e12, torch.float32: 67e12},
+# Dense (no sparsity) datasheet peaks, FLOP/s, by a substring of the CUDA device name, most
+# specific first; float32 is the non-tensor-core rate (torch leaves TF32 off for matmuls by
+# default). A device not listed has no peak (None), never a guess.
+DENSE_PEAK = {"H100 PCIe": {torch.bfloat16: 756e12, torch.float32: 51e12},
+              "H100": {torch.bfloat16: 989e12, torch.float32: 67e12},
               "H200": {torch.bfloat16: 989e12, torch.float32: 67e12},
               "A100": {torch.bfloat16: 312e12, torch.float32: 19.5e12}}
 PAIRS_PROJECTED = 8
 
 
 def model_name(short: str) -> str:
-    return short if short in ("smollm2-135m", "gemma3-270m") else f"shape:{short}"
+    """A shape's short name -> shape:<name>; aliases and full names (tiny:llama) unchanged."""
+    return short if short in ("smollm2-135m", "gemma3-270m") or ":" in short else f"shape:{short}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,30 +80,23 @@ class ShapeCost:
         return prompts * self.blocks(0, n, self.n_layers)
 
 
-def grid_passes(grid_rows: int, cells: int, prompts: int, max_rows: int) -> list[tuple[int, int]]:
-    """(prompts per pass, rows per pass) for each pass of one (lp, j), as tasks.validation
-    chunks them: prompt groups of max_rows // (1 + cells), cells chunked to fit."""
-    per_group = max(1, max_rows // (1 + cells))
-    out = []
-    for g0 in range(0, prompts, per_group):
-        g = min(per_group, prompts - g0)
-        budget = max(1, max_rows // g - 1)
-        for c0 in range(0, cells, budget):
-            out.append((g, g * (1 + min(budget, cells - c0))))
-    return out
+def grid_flops(cost: ShapeCost, n: int, lps, positions, cells: int, linear_dirs: int,
+               prompts: int) -> tuple[float, float]:
+    """(FLOPs the grid's cells need, token-rows they need), counted from the shape alone.
 
-
-def engine_flops(cost: ShapeCost, lm, n: int, lps, positions, cells: int, prompts: int,
-                 max_rows: int) -> tuple[float, float]:
-    """(FLOPs the engine runs, token-rows it runs) for the grid."""
+    Per cell: blocks lp..L-1 and the head (the KL) on positions j..n-1; a linear cell counts
+    twice (value and tangent go through every matmul); plus one clean pass per prompt. Not
+    counted: the engine's same-path baseline rows and the clean positions a batched pass
+    recomputes before j. So the rate is a lower bound on what the device executes, and it
+    does not depend on how the engine lays out its passes.
+    """
     flops = cost.clean(n, prompts)
     tokens = float(prompts * n)
+    rows = prompts * (cells + 2 * linear_dirs)
     for lp in lps:
         for j in positions:
-            start = suffix_start(j, n, lm.dtype)
-            for _g, rows in grid_passes(0, cells, prompts, max_rows):
-                flops += cost.suffix_pass(lp, start, n, rows)
-                tokens += rows * (n - start)
+            flops += cost.suffix_pass(lp, j, n, rows)
+            tokens += rows * (n - j)
     return flops, tokens
 
 
@@ -108,9 +104,11 @@ def engine_flops(cost: ShapeCost, lm, n: int, lps, positions, cells: int, prompt
 # Device: peaks and memory.
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, size: int = 2048,
+def matmul_rate(dtype: torch.dtype, device: torch.device, size: int | None = None,
                 repeat: int = 5) -> float:
-    """Best-of-`repeat` FLOP/s of torch.mm (size x size) on this device's threads."""
+    """Best-of-`repeat` FLOP/s of torch.mm (size x size; 2048 on a CPU, 8192 on a GPU, where
+    smaller products do not fill the device) on this device's threads."""
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
@@ -162,14 +160,16 @@ class Grid:
     eps: list[float]
     dirs: torch.Tensor
     prompts: list
+    linear: bool = False  # also the exact eps -> 0 response, one cell per direction
 
     @property
     def cells(self) -> int:
-        return len(self.prompts) * len(self.lps) * len(self.positions) * len(self.eps) * len(self.dirs)
+        per_pj = (len(self.eps) + int(self.linear)) * len(self.dirs)
+        return len(self.prompts) * len(self.lps) * len(self.positions) * per_pj
 
 
 def paper_grid(lm, T: int, n_positions: int | None, lp_fracs, n_eps: int, n_dirs: int,
-               kinds=("repeat", "control")) -> Grid:
+               kinds=("repeat", "control"), linear: bool = False) -> Grid:
     L = lm.n_layers
     lps = sorted({int(f * L) for f in lp_fracs})
     copy1 = list(range(1, T + 1))
@@ -180,7 +180,7 @@ def paper_grid(lm, T: int, n_positions: int | None, lp_fracs, n_eps: int, n_dirs
                             for k in range(n_positions)})
     eps = [float(x) for x in torch.logspace(-5, 0, n_eps, dtype=torch.float64)]
     prompts = make_prompts(lm.token_space, T=T, count=1, seed=0, kinds=kinds)
-    return Grid(T, lps, positions, eps, random_directions(lm.d_model, n_dirs), prompts)
+    return Grid(T, lps, positions, eps, random_directions(lm.d_model, n_dirs), prompts, linear)
 
 
 def time_engine(lm, g: Grid, max_rows: int, repeat: int) -> float:
@@ -188,7 +188,8 @@ def time_engine(lm, g: Grid, max_rows: int, repeat: int) -> float:
     for _ in range(repeat):
         _sync(lm.device)
         t0 = time.perf_counter()
-        compute_responses(lm, g.prompts, g.lps, g.positions, g.eps, g.dirs, max_rows=max_rows)
+        compute_responses(lm, g.prompts, g.lps, g.positions, g.eps, g.dirs, linear=g.linear,
+                          max_rows=max_rows)
         _sync(lm.device)
         best = min(best, time.perf_counter() - t0)
     return best
@@ -331,33 +332,34 @@ def fmt_time(seconds: float) -> str:
 
 
 def bench_model(short: str, dtype: str, device: torch.device, args) -> dict:
+    """The engine on the paper grid of one model (args: T, positions, eps_count, directions,
+    max_rows, repeat, naive_cells, linear), with the FLOP rate and the whole grid projected."""
     tdtype = getattr(torch, dtype)
     lm = load_model(model_name(short), dtype=dtype, device=str(device), check=False)
     reset_peak_memory(device)
     g = paper_grid(lm, args.T, args.positions, (0, 0.25, 0.5, 0.75), args.eps_count,
-                   args.directions)
+                   args.directions, linear=getattr(args, "linear", False))
     n = g.prompts[0].n
-    cells_per_pj = len(g.eps) * len(g.dirs)
+    cells_per_pj, linear_dirs = len(g.eps) * len(g.dirs), len(g.dirs) if g.linear else 0
     cost = ShapeCost.of(lm)
     peak_before = matmul_rate(tdtype, device)
     secs = time_engine(lm, g, args.max_rows, args.repeat)
     peak_after = matmul_rate(tdtype, device)
     mm = max(peak_before, peak_after)
-    flops, tokens = engine_flops(cost, lm, n, g.lps, g.positions, cells_per_pj, len(g.prompts),
-                                 args.max_rows)
+    flops, tokens = grid_flops(cost, n, g.lps, g.positions, cells_per_pj, linear_dirs,
+                               len(g.prompts))
     achieved = flops / secs
     datasheet = dense_peak(tdtype, device)
     # The whole paper grid: every position of copy 1, 8 prompt pairs, at the measured rate.
-    full_positions = list(range(1, args.T + 1))
-    full, _ = engine_flops(cost, lm, n, g.lps, full_positions, cells_per_pj,
-                           2 * PAIRS_PROJECTED, args.max_rows)
-    rows = max(r for _, r in grid_passes(0, cells_per_pj, len(g.prompts), args.max_rows))
+    full, _ = grid_flops(cost, n, g.lps, list(range(1, args.T + 1)), cells_per_pj, linear_dirs,
+                         2 * PAIRS_PROJECTED)
     row = dict(model=short, random=short.startswith(("gemma", "llama", "gpt2")), dtype=dtype,
                L=lm.n_layers, n=n, lps=g.lps, positions=len(g.positions), cells=g.cells,
-               secs=secs, cells_s=g.cells / secs, tokens_s=tokens / secs, tflops=achieved / 1e12,
-               mm_tflops=mm / 1e12, frac_mm=achieved / mm,
+               linear=g.linear, secs=secs, cells_s=g.cells / secs, tokens_s=tokens / secs,
+               tflops=achieved / 1e12, mm_tflops=mm / 1e12, frac_mm=achieved / mm,
+               peak_tflops=datasheet / 1e12 if datasheet else None,
                frac_peak=(achieved / datasheet) if datasheet else None,
-               mem_gib=peak_memory_gib(device), rows=rows, projected=full / achieved)
+               mem_gib=peak_memory_gib(device), rows=args.max_rows, projected=full / achieved)
     if args.naive_cells:
         row["naive_cells_s"] = naive_cells_per_s(lm, g, args.naive_cells)
     del lm
@@ -375,8 +377,7 @@ def peers_on(short: str, device: torch.device, args) -> dict:
     # positions for each cell; the engine what ShapeCost counts for its passes.
     cost, n = ShapeCost.of(lm), g.prompts[0].n
     peer = g.cells * (cost.blocks(0, n, cost.n_layers) + 2.0 * cost.head * n)
-    mine, _ = engine_flops(cost, lm, n, g.lps, g.positions, len(g.eps) * len(g.dirs), 1,
-                           args.max_rows)
+    mine, _ = grid_flops(cost, n, g.lps, g.positions, len(g.eps) * len(g.dirs), 0, 1)
     out["limit"] = peer / mine
     out["naive"] = naive_cells_per_s(lm, g, args.peer_cells)
     try:
@@ -404,6 +405,8 @@ def main() -> None:
                     help="positions of copy 1 timed (evenly spaced); default all on CUDA, 2 on CPU")
     ap.add_argument("--eps-count", type=int, default=11)
     ap.add_argument("--directions", type=int, default=4)
+    ap.add_argument("--linear", action="store_true",
+                    help="also the exact eps -> 0 response (one more cell per direction)")
     ap.add_argument("--max-rows", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=2, help="best-of for the engine timing")
     ap.add_argument("--naive-cells", type=int, default=6)
@@ -432,9 +435,10 @@ def main() -> None:
           f"; torch {torch.__version__}, {threads} threads; load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"grid: T={args.T} (n={2 * args.T + 1}), lp in {{0, L/4, L/2, 3L/4}}, "
-          f"{args.eps_count} eps in [1e-5, 1] x {args.directions} directions, repeat + control; "
+          f"{args.eps_count} eps in [1e-5, 1]{' + linear' if args.linear else ''} x "
+          f"{args.directions} directions, repeat + control; "
           f"{'all' if not args.positions else args.positions} positions of copy 1 timed; "
-          f"max_rows {args.max_rows} (engine default {DEFAULT_MAX_ROWS})")
+          f"max_rows {args.max_rows}")
     if shapes:
         print("`*` = shape-only model, random weights (not real weights)\n")
         print("| model | dtype | cells/s | tokens/s | TFLOP/s | % of torch.mm | % of dense peak "
