@@ -35,6 +35,52 @@ def _print_table(table, console: Console) -> None:
     console.print(f"{table.num_rows} row(s)", style="dim")
 
 
+def _flat_for_csv(table):
+    """CSV has no nested values: list and struct columns become JSON text, one cell each."""
+    import pyarrow as pa
+
+    cols = []
+    for col in table.columns:
+        if pa.types.is_nested(col.type):
+            col = pa.array([None if v is None else json.dumps(v, default=str)
+                            for v in col.to_pylist()], pa.string())
+        cols.append(col)
+    return pa.Table.from_arrays(cols, names=table.column_names)
+
+
+def _check_writable_file(path: Path) -> None:
+    """--output of `query`: a file in an existing, writable folder, not a folder itself."""
+    if path.is_dir():
+        raise InvalidInput("--output", "a file path (not a folder)", str(path))
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidInput("--output", "a file in an existing folder", str(path),
+                           detail=f"{parent} is not a folder")
+    _probe_write(parent, path)
+
+
+def _check_writable_dir(path: Path) -> None:
+    """--output of `report`: a folder, created here so a bad path fails before any work."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput("--output", "a folder that exists or can be created", str(path),
+                           detail=exc.strerror or type(exc).__name__) from None
+    _probe_write(path, path)
+
+
+def _probe_write(folder: Path, shown: Path) -> None:
+    # Really create a file: permission bits say nothing for root, /proc or a read-only mount.
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".unisweep-probe-"):
+            pass
+    except OSError as exc:
+        raise InvalidInput("--output", "a place this user can write", str(shown),
+                           detail=exc.strerror or type(exc).__name__) from None
+
+
 def query_command(
     sql: str = typer.Argument(..., help="One read-only statement: SELECT, WITH, DESCRIBE, "
                               "SHOW or EXPLAIN over the views responses, units, sweeps."),
@@ -56,6 +102,8 @@ def query_command(
     check_read_only(sql)  # before opening anything
     if fmt is Format.parquet and output is None:
         raise InvalidInput("--output", "a file path when --format parquet", None)
+    if output is not None:
+        _check_writable_file(output)
     data = load_sweep(sweep, db=db, out=out)
     result = run_query(data.con, sql)
     if fmt is Format.parquet:
@@ -70,7 +118,7 @@ def query_command(
         return
     if fmt is Format.csv:
         sink = str(output) if output else sys.stdout.buffer
-        pacsv.write_csv(result, sink)
+        pacsv.write_csv(_flat_for_csv(result), sink)
         return
     text = json.dumps(result.to_pylist(), default=str, indent=1)
     if output:
@@ -104,6 +152,7 @@ def report_command(
                                layers) from None
     if not (0 < tol < 1):
         raise InvalidInput("--tol", "a relative tolerance in (0, 1)", tol)
+    _check_writable_dir(output)
     data = load_sweep(sweep, db=db, out=out)
     index = build_report(data, output, tol=tol, threshold=threshold, layers=chosen)
     Console().print(f"report written: {index}")

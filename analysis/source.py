@@ -43,7 +43,10 @@ def load_sweep(sweep: str | None, db: str | None = None, out: str | Path | None 
 
     `db` is a SQLAlchemy URL; else env UNISWEEP_DB; else `<out or runs/>/unisweep.db`.
     `sweep` None opens every sweep in the database. Nothing is written to the database.
+    Every shard is checked against its recorded sha256 first (db.shards.check_shards,
+    cached by path, size and mtime): a changed or missing shard raises ShardMismatch.
     """
+    from db.shards import check_shards
     from db.store import connect  # the database layer is only needed on this path
 
     if sweep is not None and not sweep:
@@ -52,6 +55,8 @@ def load_sweep(sweep: str | None, db: str | None = None, out: str | Path | None 
     try:
         names = [sweep] if sweep is not None else [s.name for s in store.list_sweeps()]
         shards = [s for name in names for s in store.done_shards(name)]  # unknown name: raises
+        # Never return rows of a shard whose bytes changed since its unit was done.
+        check_shards(shards)
         units = store.table_arrow("units", sweep)
         sweeps = store.table_arrow("sweeps", sweep)
     finally:

@@ -5,6 +5,7 @@ Opened read-only: after the views exist, file access is limited to those shards 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,9 +30,6 @@ OFFSET_CLASS_SQL = """CASE
 # Linear rows (eps NULL) already hold the eps -> 0 limit of R/eps.
 CHI_SQL = "CASE WHEN eps IS NULL THEN r ELSE r / eps END"
 
-# Statement types a user query may run: everything else (COPY, CREATE, INSERT, ATTACH,
-# SET, PRAGMA, ...) is refused before it reaches the engine.
-_READ_ONLY_TYPES = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
 def open_sweep(
@@ -82,21 +80,49 @@ def open_sweep(
     return con
 
 
+# EXPLAIN [ANALYZE] [(options)] before the statement it explains (comments allowed first).
+_EXPLAIN_RE = re.compile(
+    r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?:\([^()]*\)\s*)?",
+    re.IGNORECASE | re.DOTALL)
+_PIVOT_RE = re.compile(r"^\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*U?N?PIVOT\b", re.IGNORECASE | re.DOTALL)
+_ALLOWED = "one read-only statement: SELECT, WITH, FROM, PIVOT, DESCRIBE, SHOW, SUMMARIZE, EXPLAIN"
+
+
 def check_read_only(sql: str) -> None:
-    """Refuse SQL that is empty or holds a statement other than SELECT / WITH / DESCRIBE /
-    SHOW / EXPLAIN; parse errors surface as DuckDB's own message."""
+    """Refuse SQL that is empty, holds several statements, or is anything but a read-only query.
+
+    EXPLAIN ANALYZE runs the statement it explains, so the explained statement is checked
+    too. A PIVOT without an IN list is DuckDB's only multi-step read (it first lists the
+    pivot values), so it is allowed by name. Parse errors surface as DuckDB's own message.
+    """
+    statements = _statements(sql)
+    if len(statements) != 1:
+        raise InvalidInput("sql", _ALLOWED, f"{len(statements)} statements",
+                           detail="run one statement per query" if statements else "")
+    st = statements[0]
+    if st.type == duckdb.StatementType.SELECT:
+        return
+    if st.type == duckdb.StatementType.MULTI and _PIVOT_RE.match(st.query):
+        return
+    if st.type == duckdb.StatementType.EXPLAIN:
+        m = _EXPLAIN_RE.match(st.query)
+        inner = st.query[m.end():] if m else ""
+        try:
+            check_read_only(inner)
+            return
+        except InvalidInput:
+            pass
+        raise InvalidInput("sql", "EXPLAIN [ANALYZE] of one read-only query", sql,
+                           detail="EXPLAIN ANALYZE runs the statement it explains")
+    raise InvalidInput("sql", _ALLOWED, st.type.name,
+                       detail="queries cannot change data, settings or files")
+
+
+def _statements(sql: str) -> list:
     try:
-        statements = duckdb.extract_statements(sql)
+        return duckdb.extract_statements(sql)
     except duckdb.Error as exc:
-        raise InvalidInput("sql", "one valid read-only SQL statement", sql, detail=str(exc)) from None
-    if not statements:
-        raise InvalidInput("sql", "a SELECT, WITH, DESCRIBE, SHOW or EXPLAIN statement", sql)
-    for st in statements:
-        if st.type not in _READ_ONLY_TYPES:
-            raise InvalidInput(
-                "sql", "read-only statements: SELECT, WITH, DESCRIBE, SHOW, EXPLAIN",
-                st.type.name, detail="queries cannot change data, settings or files",
-            )
+        raise InvalidInput("sql", _ALLOWED, sql, detail=str(exc)) from None
 
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:

@@ -12,7 +12,8 @@ from typing import Any
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Engine
 
-from db.urls import normalize_url
+from db.urls import mask_url, normalize_url
+from tasks.errors import InvalidInput
 
 logger = logging.getLogger("unisweep.db")
 
@@ -38,7 +39,11 @@ def make_engine(url: str | URL, *, create_dir: bool = True, pre_ping: bool = Tru
 def _sqlite_engine(url: URL, *, create_dir: bool) -> Engine:
     path = Path(url.database or "")
     if create_dir:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a file where the folder should be, no permission, ...
+            raise InvalidInput("db", "a SQLite file in a folder that exists or can be created",
+                               mask_url(url), detail=f"{path.parent}: {exc.strerror}") from None
     engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_MS / 1000})
 
     @event.listens_for(engine, "connect")

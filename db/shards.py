@@ -10,13 +10,14 @@ import hashlib
 import os
 import re
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.errors import InvalidInput
+from tasks.errors import InvalidInput, UnisweepError
 from tasks.layout import SHARD_SCHEMA
 
 SHARDS_DIR = "shards"
@@ -101,11 +102,17 @@ def write_shard(
     name = f"{unit_key}.{secrets.token_hex(4)}{SUFFIX}"
     final = folder / name
     tmp = folder / f".{name}{TMP_SUFFIX}"  # hidden: no glob for *.parquet ever sees it
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        # A full or read-only disk, or an interrupt: a torn temporary would only fill the
+        # disk further (and every retry would leave one more).
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(folder)
     size = final.stat().st_size
     return ShardInfo(path=str(final.resolve()), rows=table.num_rows, bytes=size, sha256=sha256_file(final))
@@ -146,3 +153,114 @@ def shard_files(output_dir: str | os.PathLike[str], sweep: str) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+class ShardMismatch(UnisweepError):
+    """Done shards whose bytes differ from what was recorded: their data is never returned."""
+
+    def __init__(self, problems: list[tuple[str, str]], checked: int) -> None:
+        self.problems = problems
+        path, why = problems[0]
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        super().__init__(
+            f"{len(problems)} of {checked} done shards do not match the database ({path}: {why}"
+            f"{more}); nothing was read. `unisweep verify SWEEP` lists them, "
+            "`unisweep retry SWEEP --bad-shards` recomputes them")
+
+
+def _cache_file() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "unisweep" / "verified-shards.sqlite"
+
+
+# (path, size, mtime_ns, sha256) of files this process already hashed.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+class _VerifiedCache:
+    """Shards already hashed, by (path, size, mtime_ns, recorded sha256), kept across runs in
+    a small SQLite file in the user's cache folder (XDG_CACHE_HOME, else ~/.cache).
+
+    A file rewritten in place gets a new mtime or size and is hashed again; bit rot under an
+    unchanged mtime is what the full `unisweep verify` is for. The cache is an optimisation
+    only: when it cannot be opened or written, every shard is hashed.
+    """
+
+    def __init__(self) -> None:
+        self.con: sqlite3.Connection | None = None
+        try:
+            path = _cache_file()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.con = sqlite3.connect(path, timeout=5)
+            self.con.execute("CREATE TABLE IF NOT EXISTS verified (path TEXT, size INTEGER, "
+                             "mtime_ns INTEGER, sha256 TEXT, PRIMARY KEY (path, size, mtime_ns, sha256))")
+        except (OSError, sqlite3.Error):
+            self.con = None
+
+    def has(self, key: tuple[str, int, int, str]) -> bool:
+        if key in _VERIFIED:
+            return True
+        if self.con is None:
+            return False
+        try:
+            hit = self.con.execute("SELECT 1 FROM verified WHERE path=? AND size=? AND mtime_ns=? "
+                                   "AND sha256=?", key).fetchone() is not None
+        except sqlite3.Error:
+            return False
+        if hit:
+            _VERIFIED.add(key)
+        return hit
+
+    def add(self, keys: list[tuple[str, int, int, str]]) -> None:
+        _VERIFIED.update(keys)
+        if self.con is None or not keys:
+            return
+        try:
+            with self.con:
+                self.con.executemany("INSERT OR IGNORE INTO verified VALUES (?, ?, ?, ?)", keys)
+        except sqlite3.Error:
+            pass
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+
+
+def _stat(path: str) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a shard, local or in an object store; None when it is missing."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def check_shards(shards: list[ShardInfo]) -> list[ShardInfo]:
+    """The shards, each checked against its recorded bytes and sha256 before any data is read.
+
+    A file seen before with the same (path, size, mtime) is not hashed again (see
+    _VerifiedCache). Raises ShardMismatch naming the missing or changed shards.
+    """
+    cache = _VerifiedCache()
+    problems: list[tuple[str, str]] = []
+    fresh: list[tuple[str, int, int, str]] = []
+    try:
+        for info in shards:
+            st = _stat(info.path)
+            if st is None:
+                problems.append((info.path, "missing"))
+                continue
+            key = (info.path, st[0], st[1], info.sha256)
+            if st[0] == info.bytes and cache.has(key):
+                continue
+            reason = verify_shard(info)
+            if reason:
+                problems.append((info.path, reason))
+            else:
+                fresh.append(key)
+        cache.add(fresh)
+    finally:
+        cache.close()
+    if problems:
+        raise ShardMismatch(problems, len(shards))
+    return shards

@@ -510,7 +510,7 @@ class Store:
         """The `units` or `sweeps` table (one sweep's rows, or all) as Arrow, for DuckDB."""
         if name == "sweeps":
             rows = [
-                {"sweep_id": i.id, "sweep": i.name, "spec": json.dumps(i.spec, sort_keys=True),
+                {"sweep_id": i.id, "sweep": i.name, "spec": json.dumps(_masked_spec(i.spec), sort_keys=True),
                  "spec_hash": i.spec_hash, "output_dir": i.output_dir, "created_at": i.created_at,
                  "status": i.status}
                 for i in ([self.get_sweep(sweep)] if sweep is not None else self.list_sweeps())
@@ -534,6 +534,13 @@ class Store:
                 for u, sweep_name in s.execute(stmt).all()
             ]
         return pa.Table.from_pylist(rows, schema=UNITS_ARROW)
+
+
+def _masked_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    # Sweeps stored before passwords were masked at write time still hold them in clear.
+    if isinstance(spec, dict) and isinstance(spec.get("database"), str):
+        return dict(spec, database=mask_url(spec["database"]))
+    return spec
 
 
 _TS = pa.timestamp("us")

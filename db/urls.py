@@ -69,8 +69,11 @@ def normalize_url(url: str | URL) -> URL:
     """
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise InvalidInput("db", ALLOWED, mask_url(url), detail="not a database URL") from exc
+    except (ArgumentError, ValueError):
+        # ValueError: a port that is not a number (SQLAlchemy's int() on it).
+        raise InvalidInput("db", ALLOWED, mask_url(url), detail="not a database URL") from None
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        raise InvalidInput("db", ALLOWED, mask_url(parsed), detail="port must be 1..65535")
     backend = parsed.get_backend_name()
     if backend == "postgresql":
         driver = parsed.get_driver_name()

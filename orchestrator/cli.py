@@ -1,6 +1,7 @@
 """The `unisweep` command line: one Typer app; each package registers its own commands.
 
-User errors (UnisweepError) are printed as one clear line and exit 2, never a traceback.
+User errors (UnisweepError) and the machine's (OSError: disk full, no permission) are printed
+as one clear line and exit 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from tasks.errors import UnisweepError
 
@@ -42,7 +44,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except UnisweepError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        sys.exit(2)
+    except OSError as exc:
+        # The machine's state (full disk, no permission, a vanished file), never a bug
+        # worth a traceback: what failed and where, in one line.
+        where = f": {exc.filename}" if exc.filename else ""
+        err_console.print(f"[bold red]error:[/] {escape(exc.strerror or str(exc))}{escape(where)}",
+                          highlight=False)
         sys.exit(2)
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,8 +67,40 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship: b
                  logging_level=logging.WARNING)
         return
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": SHIP_EXCLUDES} if ship else None
-    ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
-             logging_level=logging.WARNING)
+    check_address(address)
+    try:
+        with warnings.catch_warnings():  # the failure below says it in one line
+            warnings.simplefilter("ignore", UserWarning)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
+                     logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        # No cluster at that address (Ray's client gives up after its retries): the user's
+        # environment, so one line. Nothing was leased yet.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnisweepError(f"--address {address}: cannot connect to the Ray cluster ({first})") from None
+
+
+def check_address(address: str, timeout_s: float = 10.0) -> None:
+    """For ray://HOST:PORT, one TCP connect first: Ray's client retries a closed port for
+    about a minute before it says so; a refused or unroutable port fails here at once."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not address.startswith("ray://"):
+        return
+    try:
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port or 10001
+    except ValueError as exc:
+        raise InvalidInput("--address", "auto or ray://HOST[:PORT]", address, detail=str(exc)) from None
+    if not host:
+        raise InvalidInput("--address", "auto or ray://HOST[:PORT]", address)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UnisweepError(f"--address {address}: cannot connect to the Ray cluster "
+                            f"({host}:{port}: {reason})") from None
 
 
 @dataclass(frozen=True)
@@ -122,6 +155,7 @@ def submit(spec: SweepSpec, db_url: str | None = None, meta_fn: MetaFn = model_m
     from db.store import UnitSpec, connect
 
     base_plan = plan(spec, meta_fn=meta_fn)  # validates every model before any write
+    check_output_dir(spec.output)
     store = connect(db_url or spec.database, output_dir=spec.output)
     existing = store_adapter.existing_params(store, spec.name)
     the_plan = plan(spec, existing=existing, metas=base_plan.metas) if existing else base_plan
@@ -129,6 +163,22 @@ def submit(spec: SweepSpec, db_url: str | None = None, meta_fn: MetaFn = model_m
     added = store.add_units(spec.name, [UnitSpec(u.key, u.group, u.params, u.n_cells)
                                         for u in the_plan.units])
     return store, the_plan, added
+
+
+def check_output_dir(output: str) -> None:
+    """`output` must be a folder this process can create and write (shards go there)."""
+    if "://" in output:
+        return  # object storage: checked by its own client
+    path = Path(output).expanduser()
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InvalidInput("output", "a folder for the shards (created if missing)", output,
+                           detail=f"{probe} is an existing file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise InvalidInput("output", "a folder this user can write", output,
+                           detail=f"{probe} is not writable")
 
 
 # ---- execution --------------------------------------------------------------------------------

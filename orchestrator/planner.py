@@ -23,6 +23,9 @@ from tasks.layout import METHOD_VERSION
 _CELL_FIELDS = ("positions", "eps", "linear")
 # Run-time hints that do not change the numbers (where files are), never part of the key.
 _RUN = "run"
+# Units one plan may add: beyond this the queue, not the compute, becomes the bottleneck,
+# and a typo (cells_per_unit: 1 on a paper-scale grid) should fail in a second, not in an hour.
+MAX_UNITS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,17 @@ def spec_hash(spec: SweepSpec) -> str:
 # prompts, layers, positions, eps; linear on) and change how it runs, but never these.
 _IDENTITY_FIELDS = ("name", "directions", "record")
 _PROMPT_IDENTITY = ("kinds", "T", "seed", "text_file")
+
+
+def stored_spec(spec: SweepSpec) -> dict[str, Any]:
+    """The spec as the database keeps it: a password in `database` is masked (the sweeps
+    table is readable by `query`; the URL belongs in UNISWEEP_DB or ~/.pgpass)."""
+    from db.urls import mask_url
+
+    d = spec.model_dump(mode="json")
+    if d.get("database"):
+        d["database"] = mask_url(d["database"])
+    return d
 
 
 def sweep_hash(spec: SweepSpec) -> str:
@@ -175,6 +189,38 @@ def _pack(eps_values: tuple[float | None, ...], positions: list[int], per_eps_po
     return out
 
 
+def _n_packs(n_eps: int, n_pos: int, per_eps_pos: int, cells_per_unit: int) -> int:
+    """How many chunks _pack makes of (n_pos positions x n_eps values), without making them."""
+    e_chunk = max(1, min(n_eps, cells_per_unit // per_eps_pos))
+    full, rest = divmod(n_eps, e_chunk)
+    total = 0
+    for chunk, times in ((e_chunk, full), (rest, 1 if rest else 0)):
+        if times:
+            p_chunk = max(1, cells_per_unit // (per_eps_pos * chunk))
+            total += times * -(-n_pos // p_chunk)
+    return total
+
+
+def check_unit_count(spec: SweepSpec, metas: dict[str, ModelMeta]) -> int:
+    """Units of the whole grid (before subtracting what exists); InvalidInput past MAX_UNITS."""
+    n_eps = len(spec.eps_list()) + (1 if spec.linear else 0)
+    n_pos = len(spec.position_list())
+    total = 0
+    for name, _ in spec.model_dtypes():
+        d = spec.directions
+        n_dirs = d.count or 4
+        if d.family == "file":
+            n_dirs = int(load_directions_file(d.file, metas[name].d_model, d.count).shape[0])
+        per_eps_pos = len(spec.prompts.kinds) * n_dirs
+        n_lp = len(spec.layer_list(metas[name].n_layers))
+        total += spec.prompts.count * n_lp * _n_packs(n_eps, n_pos, per_eps_pos, spec.cells_per_unit)
+    if total > MAX_UNITS:
+        raise InvalidInput("cells_per_unit", f"a grid of at most {MAX_UNITS} units: raise "
+                           "cells_per_unit or split the sweep", got=spec.cells_per_unit,
+                           detail=f"this grid makes {total} units")
+    return total
+
+
 def plan(spec: SweepSpec, existing: Iterable[dict[str, Any]] = (), meta_fn: MetaFn = model_meta,
          metas: dict[str, ModelMeta] | None = None) -> Plan:
     """Units for `spec` that the cells of `existing` unit params do not cover yet.
@@ -183,6 +229,7 @@ def plan(spec: SweepSpec, existing: Iterable[dict[str, Any]] = (), meta_fn: Meta
     units for the new cells only; the old units keep their keys.
     """
     metas = metas if metas is not None else validate_models(spec, meta_fn)
+    check_unit_count(spec, metas)
     covered = _covered(existing)
     eps_all: list[float | None] = ([None] if spec.linear else []) + list(spec.eps_list())
     positions = spec.position_list()
@@ -212,5 +259,5 @@ def plan(spec: SweepSpec, existing: Iterable[dict[str, Any]] = (), meta_fn: Meta
                         units.append(PlannedUnit(
                             key=unit_key(params), group=group, params=params,
                             n_cells=per_eps_pos * len(pos_chunk) * len(eps_chunk)))
-    return Plan(sweep=spec.name, spec=spec.model_dump(mode="json"), spec_hash=spec_hash(spec),
+    return Plan(sweep=spec.name, spec=stored_spec(spec), spec_hash=spec_hash(spec),
                 units=units, metas=metas, total_cells=total)

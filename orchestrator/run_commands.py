@@ -58,16 +58,19 @@ def register(app: typer.Typer) -> None:
         ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
     ) -> None:
         """Plan SPEC into the database (adding only new units) and run them on Ray actors."""
-        from orchestrator.driver import Driver, submit
+        from orchestrator.driver import Driver, check_address, submit
         from orchestrator.spec import load_spec
 
         sweep_spec = load_spec(spec)
+        if address and not plan_only:
+            check_address(address)  # before anything is written
+        _warn_password(sweep_spec)
         store, the_plan, added = submit(sweep_spec, db)
         console.print(f"sweep [bold]{sweep_spec.name}[/]: {len(the_plan.units)} units planned, "
                       f"{added} new, in {store.url}", highlight=False)
         if plan_only:
             return
-        summary = Driver(store, sweep_spec.name, sweep_spec, _store_url(store, db, sweep_spec),
+        summary = Driver(store, sweep_spec.name, sweep_spec, _store_url(store),
                          address=address, ship=ship, actors=actors, progress=progress).run()
         _finish(summary)
 
@@ -87,13 +90,26 @@ def register(app: typer.Typer) -> None:
 
         store = connect(db, output_dir=out, create=False)
         sweep_spec = load_sweep_spec(store, sweep)
-        summary = Driver(store, sweep, sweep_spec, _store_url(store, db, sweep_spec),
+        summary = Driver(store, sweep, sweep_spec, _store_url(store),
                          address=address, ship=ship, actors=actors, progress=progress).run()
         _finish(summary)
 
 
-def _store_url(store: object, db: str | None, spec: object) -> str:
-    """The URL actors connect with: the real one (store.url masks the password)."""
-    from db.urls import resolve_url
+def _store_url(store: object) -> str:
+    """The URL actors connect with: the one the driver's store was opened with, password
+    included (store.url masks it; the spec in the database holds only the masked form)."""
+    return store.engine.url.render_as_string(hide_password=False)  # type: ignore[attr-defined]
 
-    return resolve_url(db or getattr(spec, "database", None), getattr(spec, "output", None))
+
+def _warn_password(spec: object) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = getattr(spec, "database", None)
+    try:
+        has_password = bool(url and make_url(url).password)
+    except Exception:  # noqa: BLE001 (a malformed URL is reported by connect)
+        has_password = False
+    if has_password:
+        console.print("warning: the spec's `database:` holds a password; it is stored masked. "
+                      "Put the URL in UNISWEEP_DB and the password in ~/.pgpass instead.",
+                      highlight=False, style="yellow")

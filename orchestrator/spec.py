@@ -26,11 +26,20 @@ from tasks.errors import InvalidInput
 Dtype = Literal["float32", "float64", "bfloat16", "float16"]
 PromptKind = Literal["repeat", "control", "text"]
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+MAX_EPS = 10_000  # eps values of one sweep (a list or a lattice range)
 
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo must never silently fall back to a default.
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads `true` as 1: `eps: [true]` must be an error, not eps = 1.
+        if _holds_bool(v) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("numbers or names, not true/false")
+        return v
 
 
 class ModelEntry(_Strict):
@@ -91,6 +100,9 @@ class LogEps(_Strict):
             raise ValueError("start and stop must be finite")
         if self.stop < self.start:
             raise ValueError("stop must be >= start")
+        n = (math.log10(self.stop) - math.log10(self.start)) * self.per_decade + 1
+        if n > MAX_EPS:
+            raise ValueError(f"at most {MAX_EPS} eps values; this range has {int(n)}")
         if not log_lattice(self.start, self.stop, self.per_decade):
             raise ValueError("no lattice point 10**(k/per_decade) lies in [start, stop]")
         return self
@@ -164,7 +176,7 @@ class SweepSpec(_Strict):
     prompts: PromptSpec
     layers: list[int] | Literal["all"] = Field(description="perturbation layers lp")
     positions: list[int] | PositionRange | Literal["copy1", "copy2", "all"] = "copy1"
-    eps: list[float] | LogEps
+    eps: list[float] | LogEps = Field(description="eps values or a log lattice")
     directions: DirectionSpec = DirectionSpec()
     linear: bool = True
     record: RecordSpec = RecordSpec()
@@ -205,6 +217,8 @@ class SweepSpec(_Strict):
         if isinstance(v, list):
             if not v:
                 raise ValueError("must be a non-empty list of eps > 0 or {start, stop, per_decade}")
+            if len(v) > MAX_EPS:
+                raise ValueError(f"at most {MAX_EPS} eps values, got {len(v)}")
             for x in v:
                 if not (math.isfinite(x) and x > 0):
                     raise ValueError(f"every eps must be finite and > 0, got {x}")
@@ -268,6 +282,14 @@ class SweepSpec(_Strict):
     def layer_list(self, n_layers: int) -> list[int]:
         """Perturbation layers lp for a model of n_layers blocks."""
         return list(range(n_layers)) if self.layers == "all" else sorted(self.layers)
+
+
+def _holds_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v))
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    return annotation is bool or any(_accepts_bool(a) for a in getattr(annotation, "__args__", ()))
 
 
 def _positions(p: Any, T: int) -> list[int]:
@@ -376,16 +398,83 @@ def spec_from_dict(data: Any) -> SweepSpec:
         raise _to_invalid(exc) from None
 
 
+# Hostile-input caps: a real spec is a few hundred bytes; these stop a huge or
+# self-expanding YAML before parsing or validation can take minutes or gigabytes.
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_VALUES = 100_000  # scalars and containers, YAML aliases counted each time used
+MAX_LIST = 10_000  # entries of any list in a spec (eps, layers, positions, models)
+
+
+class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """Safe YAML (libyaml when present) that refuses a key given twice in one mapping."""
+
+
+def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise InvalidInput(str(key), "each key once per mapping", got=f"line {line}",
+                               detail=f"also given on line {seen[key]}")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def _check_size(data: Any, where: str) -> None:
+    """Refuse a parsed spec with too many values (aliases counted at each use) or a long list."""
+    todo, n = [data], 0
+    while todo:
+        v = todo.pop()
+        n += 1
+        if n > MAX_SPEC_VALUES:
+            raise InvalidInput("spec", f"at most {MAX_SPEC_VALUES} values (YAML aliases count "
+                               "at each use)", got=where)
+        if isinstance(v, dict):
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            if len(v) > MAX_LIST:
+                raise InvalidInput("spec", f"lists of at most {MAX_LIST} entries", got=where,
+                                   detail=f"a list has {len(v)}")
+            todo.extend(v)
+
+
+def parse_spec_text(raw: bytes, where: str) -> Any:
+    """Bytes of a spec file -> the parsed YAML, with size, encoding and duplicate-key checks."""
+    if len(raw) > MAX_SPEC_BYTES:
+        raise InvalidInput("spec", f"a YAML file of at most {MAX_SPEC_BYTES // 1024} KiB",
+                           got=f"{len(raw)} bytes", detail=where)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput("spec", "a UTF-8 text file", got=where,
+                           detail=f"byte {exc.start} is not UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_SpecLoader)  # noqa: S506 (a safe loader)
+    except yaml.YAMLError as exc:
+        raise InvalidInput("spec", "valid YAML", got=where, detail=str(exc).splitlines()[0]) from None
+    _check_size(data, where)
+    return data
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a spec file; relative file paths in it resolve against its folder."""
     p = Path(path)
     if not p.is_file():
         raise InvalidInput("spec", "an existing YAML file", got=str(path))
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise InvalidInput("spec", "valid YAML", got=str(path), detail=str(exc).splitlines()[0]) from None
-    spec = spec_from_dict(data)
+        size = p.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise InvalidInput("spec", f"a YAML file of at most {MAX_SPEC_BYTES // 1024} KiB",
+                               got=f"{size} bytes", detail=str(path))
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise InvalidInput("spec", "a readable YAML file", got=str(path), detail=exc.strerror or "") from None
+    spec = spec_from_dict(parse_spec_text(raw, str(path)))
     return resolve_paths(spec, p.parent)
 
 
