@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from analysis.emergence import chi_map, emergence, induction_scores
+from analysis.emergence import chi_by_offset, chi_map, emergence, find_emergence, induction_scores
 from analysis.report import build_report
 from analysis.sections import sections
 from analysis.source import SweepData, from_shards, load_sweep
@@ -16,9 +16,11 @@ __all__ = [
     "OFFSET_CLASSES",
     "SweepData",
     "build_report",
+    "chi_by_offset",
     "chi_curves",
     "chi_map",
     "emergence",
+    "find_emergence",
     "from_shards",
     "induction_scores",
     "load_sweep",

@@ -129,17 +129,21 @@ def query_command(
 
 def report_command(
     sweep: str = typer.Argument(..., help="Sweep name."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder for index.html, report.md, "
-                                "PNGs and CSVs (created)."),
+    output: Path = typer.Option(None, "--output", "-o", help="Folder for the report (created): "
+                                "index.html, report.md, figures, CSV and Parquet tables. "
+                                "Default: <--out>/reports/<SWEEP>."),
     db: str = typer.Option(None, "--db", help="Database URL (default: env UNISWEEP_DB, "
                            "else <--out>/unisweep.db)."),
-    out: Path = typer.Option(Path("runs"), "--out", help="Output folder holding unisweep.db."),
+    out: Path = typer.Option(Path("runs"), "--out", help="Run folder holding unisweep.db, as "
+                             "for every command (not where the report goes: that is -o)."),
     tol: float = typer.Option(0.05, "--tol", help="Plateau tolerance (relative)."),
     threshold: float = typer.Option(2.0, "--threshold", help="Induction score threshold."),
+    min_layers: int = typer.Option(3, "--min-layers", help="Consecutive layers the score must "
+                                   "stay above the threshold for emergence."),
     layers: str = typer.Option(None, "--layers", help="Comma-separated layers for the chi "
                                "maps and curves (default: quarter depths and emergence)."),
 ) -> None:
-    """Write an HTML + Markdown report with plots of a sweep."""
+    """Write an HTML + Markdown report of a sweep: findings first, then figures and tables."""
     from analysis.report import build_report
     from analysis.source import load_sweep
 
@@ -152,10 +156,15 @@ def report_command(
                                layers) from None
     if not (0 < tol < 1):
         raise InvalidInput("--tol", "a relative tolerance in (0, 1)", tol)
+    if min_layers < 1:
+        raise InvalidInput("--min-layers", "a whole number of layers >= 1", min_layers)
+    if output is None:
+        output = out / "reports" / sweep
     _check_writable_dir(output)
     data = load_sweep(sweep, db=db, out=out)
-    index = build_report(data, output, tol=tol, threshold=threshold, layers=chosen)
-    Console().print(f"report written: {index}")
+    index = build_report(data, output, tol=tol, threshold=threshold, min_layers=min_layers,
+                         layers=chosen)
+    Console().print(f"report written: {index}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -7,47 +7,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import polars as pl
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-matplotlib.use("Agg")  # files only, never a window
+from analysis.views import OFFSET_CLASSES
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
-
-from analysis.views import OFFSET_CLASSES  # noqa: E402
+# Figures are built as matplotlib.figure.Figure objects, never through pyplot: no backend
+# is selected or switched, so importing this module leaves a notebook's inline figures alone.
 
 CHI_LABEL = r"$\chi = R/\varepsilon$  (relative change per unit $\varepsilon$)"
 EPS_LABEL = r"perturbation strength $\varepsilon$ (relative to $\|x_{l_p}(j)\|$)"
 _DTYPE_STYLE = {"float32": "-", "float64": ":", "bfloat16": "--", "float16": "-."}
 
 
-def _plain_log_y(ax: plt.Axes) -> None:
-    """Log y axis with plain numbers (0.2, 1, 5) instead of 2x10^-1; a range of less than
-    a factor 5 stays linear, where a log axis would show almost no labelled ticks."""
+def _plain_log_y(ax: Axes) -> None:
+    """Log y axis labelled with plain numbers (0.2, 1, 5), enough of them to read a value
+    off: 1-2-5 per decade over a few decades, every integer multiple within about one
+    decade, decades only over a wide range. A range under a factor 5 stays linear."""
     lo, hi = ax.get_ylim()
     if lo > 0 and hi / lo < 5:
         return
     ax.set_yscale("log")
     lo, hi = ax.get_ylim()
+    decades = np.log10(hi / lo)
+    subs = np.arange(1.0, 10.0) if decades < 1.5 else (1.0, 2.0, 5.0) if decades < 4 else (1.0,)
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    if hi / lo > 1e3:
-        ax.yaxis.set_minor_formatter(NullFormatter())
-        return
-
-    def minor(v: float, _: object) -> str:
-        # Label only the 2s and 5s between decades, so a short range still reads.
-        lead = round(v / 10 ** np.floor(np.log10(v)))
-        return f"{v:g}" if lead in (2, 5) else ""
-
-    ax.yaxis.set_minor_formatter(FuncFormatter(minor))
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def _subplots(nrows: int = 1, ncols: int = 1, *, figsize, constrained_layout: bool = False,
+              **kw) -> tuple[Figure, object]:
+    fig = Figure(figsize=figsize, layout="constrained" if constrained_layout else None)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def _save(fig: Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -56,8 +59,8 @@ def collapse_curves(curves: pl.DataFrame, plateaus: pl.DataFrame, layers: list[i
     """chi vs eps for each offset class (one panel each) and a few layers: the plateau
     shaded in the layer's colour, the exact linear response as a dashed line."""
     classes = [c for c in OFFSET_CLASSES if c in set(curves["offset_class"])]
-    fig, axes = plt.subplots(1, len(classes), figsize=(3.6 * len(classes), 3.6), squeeze=False)
-    colors = plt.cm.viridis(np.linspace(0, 0.9, max(len(layers), 1)))
+    fig, axes = _subplots(1, len(classes), figsize=(3.6 * len(classes), 3.6), squeeze=False)
+    colors = colormaps['viridis'](np.linspace(0, 0.9, max(len(layers), 1)))
     for ax, cls in zip(axes[0], classes, strict=True):
         for color, layer in zip(colors, layers, strict=False):
             c = curves.filter((pl.col("offset_class") == cls) & (pl.col("l") == layer))
@@ -82,8 +85,8 @@ def collapse_curves(curves: pl.DataFrame, plateaus: pl.DataFrame, layers: list[i
         ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel(CHI_LABEL, fontsize=8)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    handles += [plt.Line2D([], [], color="grey", ls="--"),
-                plt.Line2D([], [], color="grey", lw=7, alpha=0.3)]
+    handles += [Line2D([], [], color="grey", ls="--"),
+                Line2D([], [], color="grey", lw=7, alpha=0.3)]
     labels += ["linear response (jvp)", "plateau (within tol of its median)"]
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
                bbox_to_anchor=(0.5, 1.08))
@@ -101,7 +104,7 @@ def normalized_collapse(curves: pl.DataFrame, path: Path, title: str, tol: float
          .with_columns(norm=pl.col("chi") / pl.coalesce("lin", "med"))
          .filter(pl.col("eps").is_not_null() & pl.col("norm").is_finite() & (pl.col("norm") > 0)))
     dtypes = sorted(set(c["dtype"]))
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(max(7, 5 * len(dtypes)), 4.2),
+    fig, axes = _subplots(1, len(dtypes), figsize=(max(7, 5 * len(dtypes)), 4.2),
                              squeeze=False, sharey=True, constrained_layout=True)
     for ax, dtype in zip(axes[0], dtypes, strict=True):
         sub = c.filter(pl.col("dtype") == dtype)
@@ -136,7 +139,7 @@ def chi_maps(maps: dict[tuple[str, int], pl.DataFrame], T: int, path: Path, titl
     norm = LogNorm(vmin=max(pos.min(), pos.max() * 1e-4), vmax=pos.max()) if len(pos) else None
     n = 2 * T + 1
     width = 1.2 + 0.16 * len(js)
-    fig, axes = plt.subplots(len(kinds), len(layers),
+    fig, axes = _subplots(len(kinds), len(layers),
                              figsize=(max(2.6, width) * len(layers) + 1.2, 3.4 * len(kinds)),
                              squeeze=False, constrained_layout=True)
     im = None
@@ -153,7 +156,7 @@ def chi_maps(maps: dict[tuple[str, int], pl.DataFrame], T: int, path: Path, titl
             for k, j in enumerate(js):
                 for i in (j + T - 1, j + T):
                     if 1 <= j <= T and i < n:
-                        ax.add_patch(plt.Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False,
+                        ax.add_patch(Rectangle((k - 0.5, i - 0.5), 1, 1, fill=False,
                                                    ec="white", lw=0.9))
             ax.set_title(f"{kind}, l = {layer}", fontsize=9)
             ax.set_xticks(range(len(js)), [str(j) for j in js], fontsize=7)
@@ -168,32 +171,58 @@ def chi_maps(maps: dict[tuple[str, int], pl.DataFrame], T: int, path: Path, titl
 
 
 def induction_vs_depth(scores: pl.DataFrame, path: Path, threshold: float, title: str) -> Path:
-    """Induction score vs normalised depth l / L, one line per (model, dtype); emergence
-    layers marked by a vertical dotted line."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    models = sorted(set(scores["model"]))
-    colors = dict(zip(models, plt.cm.tab10(np.arange(len(models))), strict=True))
-    for (model, dtype), part in sorted(scores.partition_by(["model", "dtype"], as_dict=True)
-                                       .items()):
+    """Induction score vs normalised depth l / L, one line per (model, dtype, lp); each
+    emergence layer marked by a vertical dotted line in the line's colour."""
+    fig, ax = _subplots(figsize=(7.5, 4.2))
+    parts = sorted(scores.partition_by(["model", "dtype", "lp"], as_dict=True).items())
+    colors = colormaps["tab10"](np.arange(max(len(parts), 1)) % 10)
+    for color, ((model, dtype, lp), part) in zip(colors, parts):
         part = part.filter(pl.col("score").is_not_null() & (pl.col("score") > 0)).sort("l")
         if part.is_empty():
             continue
-        ls = _DTYPE_STYLE.get(dtype, "-")
         em = part["emergence_layer"][0]
-        em_txt = "none" if em is None else str(em)
-        label = f"{model} {dtype} (L = {part['n_layers'][0]}, emergence l = {em_txt})"
-        ax.plot(part["depth"], part["score"], ls, marker="o", ms=3, color=colors[model],
-                label=label)
+        label = (f"{model} {dtype} lp = {lp}: emergence "
+                 + ("none" if em is None else f"l = {em}"))
+        ax.plot(part["depth"], part["score"], _DTYPE_STYLE.get(dtype, "-"), marker="o", ms=3,
+                color=color, label=label)
         if em is not None:
-            ax.axvline(part["emergence_depth"][0], color=colors[model], ls=":", lw=1)
+            ax.axvline(em / part["n_layers"][0], color=color, ls=":", lw=1.2)
     ax.axhline(threshold, color="grey", ls="--", lw=1, label=f"threshold = {threshold:g}")
     _plain_log_y(ax)
     ax.set_xlabel("normalised depth l / L")
     ax.set_ylabel("induction score\n(stripe chi, repeat / control)")
     ax.set_xlim(0, 1)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def chi_vs_offset(offsets: pl.DataFrame, layers: list[int], T: int, path: Path,
+                  title: str) -> Path:
+    """Mean chi against the offset i - j at a few layers, repeat (solid) vs control (dashed)
+    prompts: induction shows as peaks of the repeat curves at i - j = T - 1 and T."""
+    fig, ax = _subplots(figsize=(7.5, 4.2))
+    colors = colormaps["viridis"](np.linspace(0, 0.9, max(len(layers), 1)))
+    for color, layer in zip(colors, layers):
+        for kind, ls in (("repeat", "-"), ("control", "--")):
+            c = offsets.filter((pl.col("l") == layer) & (pl.col("prompt_kind") == kind)
+                               & (pl.col("chi") > 0)).sort("delta")
+            if c.is_empty():
+                continue
+            ax.plot(c["delta"], c["chi"], ls, marker="o" if kind == "repeat" else None, ms=3,
+                    color=color, label=f"l = {layer}, {kind}")
+    for x in (T - 1, T):
+        ax.axvline(x, color="tab:red", lw=0.8, alpha=0.5)
+    ax.text(T - 0.5, 1.0, f"i - j = T-1, T (T = {T})", transform=ax.get_xaxis_transform(),
+            ha="center", va="bottom", fontsize=8, color="tab:red")
+    _plain_log_y(ax)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("offset i - j (response position - perturbed position)")
+    ax.set_ylabel(CHI_LABEL, fontsize=8)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=10, pad=16)
     return _save(fig, path)
 
 
@@ -201,7 +230,7 @@ def section_bars(sec: pl.DataFrame, path: Path, title: str) -> Path:
     """Per block: attention and MLP chi on the stripes (repeat prompts, solid) and at the
     same offsets on control prompts (hatched), one panel per (model, dtype)."""
     parts = sorted(sec.partition_by(["model", "dtype"], as_dict=True).items())
-    fig, axes = plt.subplots(len(parts), 1, figsize=(10, 3.2 * len(parts)), squeeze=False)
+    fig, axes = _subplots(len(parts), 1, figsize=(10, 3.2 * len(parts)), squeeze=False)
     w = 0.2
     for ax, ((model, dtype), p) in zip(axes[:, 0], parts, strict=True):
         p = p.sort("l")

@@ -1,12 +1,15 @@
-"""Benchmark of the result database: 10,000 units leased and completed by 4 worker processes.
+"""Benchmark of the result database: 10,000 units leased and completed by 4 worker processes,
+and (--poll) the queue questions an idle worker and the driver ask on 100,000 units.
 
 Measures units/s and milliseconds of database time per unit, per-unit vs batched leasing,
-on SQLite and PostgreSQL. Usage: python bench/db.py [--backend sqlite postgres] [--batch 1 32].
+on SQLite and PostgreSQL. Usage: python bench/db.py [--backend sqlite postgres] [--batch 1 32];
+python bench/db.py --poll [--units 100000].
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import secrets
@@ -134,20 +137,110 @@ def floor_ms(backend: str, n: int = 2000) -> float:
     return ms
 
 
+def whole_table_open_by_group(store, sweep: str) -> dict:
+    """The questions as they were asked before (orchestrator/store_adapter.py, removed): the
+    whole units table as Arrow, then counted in Python. Kept here as the baseline."""
+    t = store.table_arrow("units", sweep).select(["group", "status", "n_cells"])
+    out: dict = {}
+    for g, st, n in zip(t.column("group").to_pylist(), t.column("status").to_pylist(),
+                        t.column("n_cells").to_pylist(), strict=True):
+        if st in ("pending", "leased"):
+            d = out.setdefault(g, {"units": 0, "cells": 0})
+            d["units"] += 1
+            d["cells"] += int(n)
+    return out
+
+
+def whole_table_existing_params(store, sweep: str) -> list:
+    t = store.table_arrow("units", sweep).select(["params"])
+    return [json.loads(p) for p in t.column("params").to_pylist()]
+
+
+def _ms(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def poll_bench(backend: str, n_units: int, n_groups: int = 10, rounds: int = 5) -> list[tuple[str, float, float | None]]:
+    """(question, ms now, ms before) on a sweep of n_units in n_groups groups.
+
+    The state an idle worker sees: its group "g0" has nothing pending (half done, half leased
+    by another worker), the other groups are pending. Methods are interleaved round by round.
+    """
+    with fresh_db(backend) as url:
+        store = connect(url)
+        sid = store.create_sweep("bench", {"bench": True}, "h", tempfile.gettempdir())
+        params = {"method_version": "1", "model": {"name": "m"}, "dtype": "float32", "lp": 0,
+                  "positions": [1, 2, 3], "eps": [1e-3, 1e-2], "linear": True}
+        store.add_units(sid, [UnitSpec(f"u{i:07d}", f"g{i % n_groups}", {**params, "i": i}, 32)
+                              for i in range(n_units)])
+        n0 = n_units // n_groups
+        leased = store.lease("other", n0, 3600, sweep_id=sid, group="g0")
+        shard = ShardInfo("/bench/none.parquet", 1, 1, "0" * 64)
+        for u in leased[: n0 // 2]:
+            store.complete(u.key, "other", shard)
+        questions = {
+            "idle worker poll: lease (nothing) + group_finished": (
+                lambda: (store.lease("idle", 1, 60, sweep_id=sid, group="g0"),
+                         store.group_finished(sid, "g0")),
+                lambda: (store.lease("idle", 1, 60, sweep_id=sid, group="g0"),
+                         "g0" not in whole_table_open_by_group(store, "bench"))),
+            "group_finished": (lambda: store.group_finished(sid, "g0"),
+                               lambda: "g0" not in whole_table_open_by_group(store, "bench")),
+            "open_by_group (driver)": (lambda: store.open_by_group(sid),
+                                       lambda: whole_table_open_by_group(store, "bench")),
+            "leased_by (a dead worker's units)": (lambda: store.leased_by("other", sid), None),
+            "unit_params (planner, all units)": (lambda: store.unit_params(sid),
+                                                 lambda: whole_table_existing_params(store, "bench")),
+        }
+        assert store.group_finished(sid, "g0") is False and store.group_finished(sid, "none") is True
+        assert store.open_by_group(sid) == whole_table_open_by_group(store, "bench")
+        assert len(store.leased_by("other", sid)) == n0 - n0 // 2
+        now: dict[str, list[float]] = {q: [] for q in questions}
+        before: dict[str, list[float]] = {q: [] for q in questions}
+        for _ in range(rounds):
+            for q, (new, old) in questions.items():
+                reps = 1 if q.startswith("unit_params") else 20
+                now[q].append(_ms(new, reps))
+                if old is not None:
+                    before[q].append(_ms(old, 1))
+        store.close()
+    return [(q, statistics.median(now[q]), statistics.median(before[q]) if before[q] else None)
+            for q in questions]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--backend", nargs="+", default=["postgres", "sqlite"], choices=["postgres", "sqlite"])
     ap.add_argument("--batch", nargs="+", type=int, default=[1, 32])
-    ap.add_argument("--units", type=int, default=10_000)
+    ap.add_argument("--units", type=int, default=None, help="default 10000 (100000 with --poll)")
     ap.add_argument("--workers", nargs="+", type=int, default=[4])
     ap.add_argument("--repeat", type=int, default=1, help="runs per row; the row shows the median run (by units/s)")
     ap.add_argument("--floor", action="store_true", help="also time a bare UPDATE commit per backend")
+    ap.add_argument("--poll", action="store_true",
+                    help="time the queue questions (idle worker poll, driver) instead; --units default 100000")
     ap.add_argument("--pg-async-commit", action="store_true",
                     help="PostgreSQL with synchronous_commit=off (set in the URL, no code change)")
     args = ap.parse_args()
     if args.pg_async_commit:
         global PG_OPTIONS
         PG_OPTIONS = "-csynchronous_commit=off"
+    if args.poll:
+        n = args.units or 100_000
+        print(f"queue questions on {n} units in 10 groups, {os.cpu_count()} CPU cores; median ms "
+              "(20 calls per round, 5 interleaved rounds; before = whole units table read, 1 call)")
+        print("| backend | question | ms now | ms before | load average |")
+        print("|---|---|---:|---:|---:|")
+        for backend in args.backend:
+            for q, ms, old in poll_bench(backend, n):
+                print(f"| {backend} | {q} | {ms:.2f} | {'-' if old is None else f'{old:.0f}'} | "
+                      f"{os.getloadavg()[0]:.1f} |", flush=True)
+        return
+    args.units = args.units or 10_000
     print(f"{args.units} units, {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.1f} at start), "
           f"median of {args.repeat} run(s); no compute: pure database overhead, every worker "
           "calling the database back to back")

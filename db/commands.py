@@ -6,14 +6,15 @@ The database is `--db URL`, else env UNISWEEP_DB, else `--out DIR`/unisweep.db (
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from db.migrate import head_revision
-from db.store import Store, connect
+if TYPE_CHECKING:  # SQLAlchemy and Alembic load on use: `unisweep --help` stays instant
+    from db.store import Store
 
 console = Console()
 
@@ -23,6 +24,8 @@ OutOpt = typer.Option("runs", "--out", help="Run folder holding unisweep.db when
 
 def _open(db: str | None, out: str) -> Store:
     # Reading commands never create a database: a wrong path is an error, not an empty run.
+    from db.store import connect
+
     return connect(db, output_dir=out, create=False)
 
 
@@ -47,6 +50,9 @@ def _summary(error: str | None) -> str:
 
 def db_upgrade(db: str | None = DbOpt, out: str = OutOpt) -> None:
     """Create or upgrade the database schema to the newest revision."""
+    from db.migrate import head_revision
+    from db.store import connect
+
     with connect(db, output_dir=out) as store:
         before, after = store.revisions
     if before == after:
@@ -80,6 +86,26 @@ def status(sweep: str = typer.Argument(..., help="Sweep name."), db: str | None 
         for f in st.failed:
             ft.add_row(escape(f.key), str(f.attempts), escape(_summary(f.error)))
         console.print(ft)
+
+
+def sweeps(db: str | None = DbOpt, out: str = OutOpt) -> None:
+    """The sweeps in a database: name, status, units done/total, cells done/total, created."""
+    with _open(db, out) as store:
+        rows = [(info, store.status(info.id)) for info in store.list_sweeps()]
+        url = store.url
+    if not rows:
+        console.print(f"no sweeps in {url}", highlight=False)
+        return
+    table = Table()
+    for col, right in (("sweep", False), ("status", False), ("units done", True),
+                       ("failed", True), ("cells done", True), ("created (UTC)", False)):
+        table.add_column(col, justify="right" if right else "left", no_wrap=True)
+    for info, st in rows:
+        table.add_row(escape(info.name), info.status, f"{st.counts['done']}/{st.units_total}",
+                      str(st.counts["failed"]), f"{st.cells_done}/{st.cells_total}",
+                      f"{info.created_at:%Y-%m-%d %H:%M}")
+    console.print(table)
+    console.print(f"{len(rows)} sweep(s) in {escape(url)}", style="dim", highlight=False)
 
 
 def verify(
@@ -125,6 +151,7 @@ def register(app: typer.Typer) -> None:
     db_app = typer.Typer(help="Result database administration.", no_args_is_help=True)
     db_app.command("upgrade")(db_upgrade)
     app.add_typer(db_app, name="db")
+    app.command("sweeps")(sweeps)
     app.command("status")(status)
     app.command("verify")(verify)
     app.command("gc")(gc)

@@ -1,12 +1,11 @@
 """The worker: one process that owns one loaded model and runs units pulled from the database.
 
 `UnitRunner` is a plain class (testable without Ray); `SweepActor` is the same as a Ray actor.
-Per unit: lease -> compute_responses -> UNIT_FIELDS columns -> NaN/inf check -> shard -> complete.
+Per unit: lease -> tasks.run_unit (the science) -> shard -> complete; heartbeats meanwhile.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import threading
@@ -16,55 +15,18 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import torch
 
-from orchestrator import store_adapter
+from db.shards import write_shard
+from db.store import connect
 from tasks.errors import UnisweepError
-from tasks.layout import SHARD_SCHEMA
-
-# Float columns that carry responses: a NaN or inf in any of them is never data.
-RESPONSE_COLUMNS = ("r", "r_attn", "r_mlp", "kl")
-# Seconds each unit sleeps before computing (tests kill workers mid-unit with it); unset: 0.
-FAULT_DELAY_ENV = "UNISWEEP_FAULT_DELAY_S"
-
-
-class NonFiniteResponse(UnisweepError):
-    """The engine returned NaN or inf (for example float16/bfloat16 overflow)."""
+from tasks.models import load_model
+from tasks.run_unit import run_unit
+from tasks.work import UnitWork
 
 
 def new_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def check_finite(table: pa.Table) -> None:
-    """Raise NonFiniteResponse naming the columns and row counts with NaN or inf."""
-    bad = []
-    for name in RESPONSE_COLUMNS:
-        if name not in table.column_names:
-            continue
-        col = table.column(name)
-        finite = pc.is_finite(col)  # null stays null (r_attn at l = L is NULL by design)
-        n_bad = int(pc.sum(pc.invert(finite.fill_null(True))).as_py() or 0)
-        if n_bad:
-            bad.append(f"{name}: {n_bad} of {len(col)} rows")
-    if bad:
-        raise NonFiniteResponse("non-finite response (NaN or inf; in float16/bfloat16 usually an "
-                                "overflow) in " + "; ".join(bad))
-
-
-def add_unit_columns(table: pa.Table, *, sweep: str, unit_key: str, model: str, dtype: str,
-                     T: int, n_layers: int) -> pa.Table:
-    """Prefix the engine's columns with the UNIT_FIELDS, in SHARD_SCHEMA order and types."""
-    n = table.num_rows
-    consts = {"sweep": sweep, "unit_key": unit_key, "model": model, "dtype": dtype, "T": T,
-              "n_layers": n_layers}
-    cols = []
-    for f in SHARD_SCHEMA:
-        if f.name in consts:
-            cols.append(pa.array([consts[f.name]] * n, type=f.type))
-        else:
-            cols.append(table.column(f.name).cast(f.type))
-    return pa.Table.from_arrays(cols, schema=SHARD_SCHEMA)
 
 
 class UnitRunner:
@@ -96,7 +58,7 @@ class UnitRunner:
     def node_id(self) -> str | None:
         """The Ray node this worker runs on (None outside Ray)."""
         try:
-            import ray
+            import ray  # only inside a Ray worker, where it is imported already
 
             return ray.get_runtime_context().get_node_id()
         except Exception:  # noqa: BLE001 (not in a Ray worker)
@@ -104,8 +66,6 @@ class UnitRunner:
 
     def _get_store(self) -> Any:
         if self._store is None:
-            from db.store import connect
-
             self._store = connect(self.db_url)
         return self._store
 
@@ -130,47 +90,23 @@ class UnitRunner:
 
     # ---- the model ----
 
-    def _model(self, params: dict[str, Any]) -> Any:
+    def _model(self, work: UnitWork) -> Any:
         if self._lm is None:
-            import torch
-
-            from tasks.models import load_model
-
             if self.threads:
                 torch.set_num_threads(self.threads)  # the CPUs Ray gave this actor, no more
-            self._lm = load_model(params["run"]["model"], dtype=params["dtype"], device=self.device)
+            self._lm = load_model(work.run.model, dtype=work.dtype, device=self.device)
             store = self._get_store()
-            store.register_worker(self.worker_id, socket.gethostname(), self.device,
-                                  params["run"]["model_id"])
+            store.register_worker(self.worker_id, socket.gethostname(), self.device, work.run.model_id)
         return self._lm
 
     # ---- one unit ----
 
     def compute_unit(self, key: str, params: dict[str, Any]) -> pa.Table:
-        """The shard table of one unit (no database, no file): engine + unit columns + checks."""
-        from tasks.engine import compute_responses
-
-        lm = self._model(params)
-        # Fault injection for the kill tests: make a unit last long enough to be killed in.
-        delay = float(os.environ.get(FAULT_DELAY_ENV, "0") or 0)
-        if delay > 0:
-            time.sleep(delay)
-        prompts = _prompts(lm, params)
-        dirs = _directions(lm, params)
-        table = compute_responses(
-            lm, prompts, lps=[params["lp"]], positions=list(params["positions"]),
-            # float(): PostgreSQL's JSONB hands a large eps (1e30) back as an integer.
-            eps=[float(e) for e in params["eps"]], directions=dirs, linear=bool(params["linear"]),
-            record_layers=params["record"]["layers"], record_positions=params["record"]["positions"],
-        )
-        check_finite(table)
-        return add_unit_columns(table, sweep=self.sweep, unit_key=key, model=lm.model_id,
-                                dtype=params["dtype"], T=params["prompt"]["T"],
-                                n_layers=lm.n_layers)
+        """The shard table of one unit (no database, no file): tasks.run_unit on this model."""
+        work = UnitWork.from_json(params)
+        return run_unit(self._model(work), work, sweep=self.sweep, unit_key=key)
 
     def _run_one(self, unit: Any) -> str:
-        from db.shards import write_shard
-
         store = self._get_store()
         t0 = time.perf_counter()
         try:
@@ -201,7 +137,7 @@ class UnitRunner:
             leased = store.lease(self.worker_id, 1, self.ttl_s, sweep_id=self.sweep_id,
                                  group=self.group)
             if not leased:
-                if store_adapter.group_finished(store, self.sweep, self.group):
+                if store.group_finished(self.sweep_id, self.group):
                     break
                 self._stop.wait(self.idle_poll_s)
                 continue
@@ -217,72 +153,11 @@ class UnitRunner:
 
 
 def _default_device() -> str:
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
-def _prompts(lm: Any, params: dict[str, Any]) -> list[Any]:
-    from tasks.prompts import make_prompts
-
-    p = params["prompt"]
-    out = []
-    kinds = [k for k in p["kinds"] if k != "text"]
-    if kinds:
-        # Prompt k is the same for any count > k (tasks.prompts draws it from (seed, k)).
-        prompts = make_prompts(lm.token_space, T=p["T"], count=p["id"] + 1, seed=p["seed"],
-                               kinds=tuple(kinds), max_positions=lm.max_positions)
-        out = [q for q in prompts if q.id == p["id"]]
-    if "text" in p["kinds"]:
-        out.append(text_window(lm, params["run"]["text_file"], p["T"], p["id"], p.get("text_sha256")))
-    return out
-
-
-def text_window(lm: Any, path: str, T: int, pid: int, sha256: str | None = None) -> Any:
-    """Text prompt `pid`: BOS + the pid-th window of 2T tokens of the file (same length as
-    the repeat/control prompts, so all kinds of a unit share batched passes)."""
-    import torch
-
-    from tasks.prompts import Prompt
-
-    if lm.tokenizer is None:
-        raise UnisweepError(f"prompts.kinds: 'text' needs a model with a tokenizer; {lm.model_id} has none")
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise UnisweepError(f"prompts.text_file {path} changed since the sweep was planned")
-    ids = lm.tokenizer(data.decode("utf-8"), add_special_tokens=False)["input_ids"]
-    need = (pid + 1) * 2 * T
-    if len(ids) < need:
-        raise UnisweepError(f"prompts.text_file: {len(ids)} tokens, prompt {pid} needs {need} "
-                            f"(count x 2T)")
-    bos = [lm.token_space.bos_token_id] if lm.token_space.bos_token_id is not None else []
-    window = bos + list(ids[pid * 2 * T:need])
-    return Prompt(pid, "text", 0, T, torch.tensor(window, dtype=torch.int64))
-
-
-def _directions(lm: Any, params: dict[str, Any]) -> Any:
-    d = params["directions"]
-    if d["family"] == "file":
-        from tasks.directions import load_directions
-
-        path = params["run"]["directions_file"]
-        with open(path, "rb") as fh:
-            digest = hashlib.file_digest(fh, "sha256").hexdigest()
-        if digest != d["sha256"]:
-            raise UnisweepError(f"directions file {path} changed since the sweep was planned "
-                                f"(sha256 {digest[:12]} != {d['sha256'][:12]})")
-        return load_directions(path, lm.d_model)
-    from tasks.directions import random_directions
-
-    return random_directions(lm.d_model, count=d["count"], seed=d["seed"])
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_actor_class(**options: Any) -> Any:
     """UnitRunner as a Ray actor class; two threads so stop() and ping() answer during run()."""
-    import ray
+    import ray  # imported on use: the worker side never needs it at import time
 
     return ray.remote(max_concurrency=3, **options)(UnitRunner)

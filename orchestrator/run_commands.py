@@ -12,12 +12,31 @@ import typer
 from rich.console import Console
 
 console = Console()
+# The commands import their machinery when they run (function-local imports below): the CLI
+# starts without torch or Ray, and `run --plan-only` never imports the driver.
 
 _ADDRESS_HELP = "Ray cluster: 'auto' (the cluster this node belongs to) or ray://HOST:10001; local Ray if omitted"
 _DB_HELP = "Database URL (sqlite:///PATH or postgresql://...); default: spec's database, env UNISWEEP_DB, <output>/unisweep.db"
 
 
-def _finish(summary: object) -> None:
+def db_flags(db: str | None, out: str | Path | None) -> str:
+    """The flags another command (resume, status, report) needs to find the same database:
+    `--db URL` when one was named (password masked: put it back in), nothing when env
+    UNISWEEP_DB names it, else `--out DIR` (omitted for the default runs/)."""
+    import os
+    import shlex
+
+    from db.urls import DEFAULT_OUT, ENV_VAR, mask_url
+
+    if db:
+        return f" --db {shlex.quote(mask_url(db))}"
+    if os.environ.get(ENV_VAR):
+        return ""
+    folder = str(out) if out is not None else DEFAULT_OUT
+    return "" if Path(folder) == Path(DEFAULT_OUT) else f" --out {shlex.quote(folder)}"
+
+
+def _finish(summary: object, flags: str = "") -> None:
     from orchestrator.driver import RunSummary
 
     assert isinstance(summary, RunSummary)
@@ -28,18 +47,18 @@ def _finish(summary: object) -> None:
         f"this run {summary.cells_this_run} cells in {summary.seconds:.1f} s "
         f"({summary.cells_per_s:.1f} cells/s)"
         + (f"; {summary.actor_deaths} actor deaths" if summary.actor_deaths else ""),
-        highlight=False,
+        highlight=False, soft_wrap=True,  # a command to copy must stay on one line
     )
     for f in summary.failed[:5]:
         first = (f.error or "").strip().splitlines()[0] if f.error else ""
-        console.print(f"  failed {f.key[:12]} after {f.attempts} attempts: {first}", highlight=False)
+        console.print(f"  failed {f.key[:12]} after {f.attempts} attempts: {first}", highlight=False, soft_wrap=True)
     if summary.interrupted:
         console.print("interrupted: leases released; continue with `unisweep resume "
-                      f"{summary.sweep}`", highlight=False)
+                      f"{summary.sweep}{flags}`", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
     if c["pending"] + c["leased"]:
         console.print(f"{c['pending'] + c['leased']} units still open (actors lost?): "
-                      f"`unisweep resume {summary.sweep}`", highlight=False)
+                      f"`unisweep resume {summary.sweep}{flags}`", highlight=False, soft_wrap=True)
     if c["failed"] or c["pending"] + c["leased"]:
         raise typer.Exit(1)
 
@@ -58,8 +77,10 @@ def register(app: typer.Typer) -> None:
         ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
     ) -> None:
         """Plan SPEC into the database (adding only new units) and run them on Ray actors."""
-        from orchestrator.driver import Driver, check_address, submit
+        # Imported per command: --plan-only never needs Ray, the actor or the engine.
+        from orchestrator.ray_session import check_address
         from orchestrator.spec import load_spec
+        from orchestrator.submit import submit
 
         sweep_spec = load_spec(spec)
         if address and not plan_only:
@@ -67,12 +88,14 @@ def register(app: typer.Typer) -> None:
         _warn_password(sweep_spec)
         store, the_plan, added = submit(sweep_spec, db)
         console.print(f"sweep [bold]{sweep_spec.name}[/]: {len(the_plan.units)} units planned, "
-                      f"{added} new, in {store.url}", highlight=False)
+                      f"{added} new, in {store.url}", highlight=False, soft_wrap=True)
         if plan_only:
             return
+        from orchestrator.driver import Driver
+
         summary = Driver(store, sweep_spec.name, sweep_spec, _store_url(store),
                          address=address, ship=ship, actors=actors, progress=progress).run()
-        _finish(summary)
+        _finish(summary, db_flags(db or sweep_spec.database, sweep_spec.output))
 
     @app.command("resume")
     def resume_cmd(
@@ -92,7 +115,7 @@ def register(app: typer.Typer) -> None:
         sweep_spec = load_sweep_spec(store, sweep)
         summary = Driver(store, sweep, sweep_spec, _store_url(store),
                          address=address, ship=ship, actors=actors, progress=progress).run()
-        _finish(summary)
+        _finish(summary, db_flags(db, out))
 
 
 def _store_url(store: object) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from tasks.engine import clean_pass, perturb_group
 from tasks.errors import UnisweepError
 
 # Relative tolerance per dtype for "the same numbers": identical ops give ~0; the suffix
@@ -27,8 +28,6 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @torch.no_grad()
 def startup_check(lm, n: int = 12) -> dict[str, float]:
     """Compare the engine's view of the model with HF's own forward; raise if they differ."""
-    from tasks.engine import clean_pass, perturb_group
-
     model, ad = lm.model, lm.adapter
     L = lm.n_layers
     n = min(n, lm.max_positions)

@@ -16,8 +16,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import DynamicCache
 
-from tasks.models import LoadedModel
+from tasks.kl import kl_from_logit_change
+from tasks.model_handle import LoadedModel
 from tasks.prompts import Prompt
+from tasks.tabulate import concat_tables, responses_to_table
 from tasks.validation import check_grid
 
 # Rows per forward pass on the CPU; callers (the GPU path) pass a larger max_rows.
@@ -210,33 +212,9 @@ def _kl_rows(lm: LoadedModel, normed: torch.Tensor, plan: _PassPlan,
             parts = []
             for c0 in range(1, R, chunk):
                 dz = ad.logits(model, rows[c0:c0 + chunk]).to(rdtype) - z0
-                parts.append(_kl_from_logit_change(p, dz))
+                parts.append(kl_from_logit_change(p, dz))
             out.append(torch.cat(parts))
     return torch.stack(out)
-
-
-def _kl_from_logit_change(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-    """KL(q || p) for q = softmax(z + dz), without cancelling two nearly equal log-softmaxes.
-
-    With d = log(q/p) = dz - log(sum p e^dz), KL = sum p (e^d d - expm1(d)); every term is
-    O(d^2) and >= 0, so small perturbations keep their digits. Rows with a large change take
-    the plain form q d - q + p (the same terms), which stays finite where p underflows to 0.
-    The vocabulary-wide passes dominate the KL's cost, so the large-change path runs only
-    for the rows that need it.
-    """
-    big = dz.abs().amax(-1) >= 1.0  # [..., s]
-    shift = torch.log1p((p * torch.expm1(dz.clamp(max=1.0))).sum(-1, keepdim=True))
-    d = dz - shift
-    dc = d.clamp(max=30.0)  # finite everywhere; rows where it bites are recomputed below
-    kl = (p * (torch.exp(dc) * dc - torch.expm1(dc))).sum(-1)
-    if bool(big.any()):
-        logp = torch.log(p)
-        rows_dz = dz[big]
-        d_big = rows_dz - torch.logsumexp(logp.expand_as(dz)[big] + rows_dz, dim=-1, keepdim=True)
-        q = torch.exp(logp.expand_as(dz)[big] + d_big)
-        p_big = p.expand_as(dz)[big]
-        kl[big] = (torch.where(q > 0, q * d_big, torch.zeros_like(q)) - q + p_big).sum(-1)
-    return kl
 
 
 def _suffix_pass(lm: LoadedModel, clean: CleanState, prompt_rows: torch.Tensor, plan: _PassPlan,
@@ -374,8 +352,6 @@ def compute_responses(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[
 
     Validates all arguments before any compute. Prompts of equal length share passes.
     """
-    from tasks.tabulate import concat_tables, responses_to_table
-
     grid = check_grid(lm, prompts, lps, positions, eps, directions, record_layers,
                       record_positions, max_rows)
     tables = []

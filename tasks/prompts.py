@@ -1,4 +1,4 @@
-"""Seeded prompts: repeated random tokens `BOS + s + s` and controls `BOS + s + s'`.
+"""Prompts: seeded `BOS + s + s` (repeat) and `BOS + s + s'` (control), and text-file windows.
 
 Token ids depend only on (token space, T, seed, prompt id), never on the machine:
 numpy's PCG64 stream is platform independent.
@@ -6,14 +6,16 @@ numpy's PCG64 stream is platform independent.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from tasks.errors import InvalidInput
-from tasks.models import TokenSpace
+from tasks.errors import InvalidInput, UnisweepError
+from tasks.model_handle import LoadedModel, TokenSpace
+from tasks.work import UnitWork
 
 KINDS = ("repeat", "control")
 
@@ -65,9 +67,41 @@ def make_prompts(space: TokenSpace, T: int, count: int = 1, seed: int = 0,
     return prompts
 
 
-def text_prompt(tokenizer, text: str, prompt_id: int = 0) -> Prompt:
-    """A real-text prompt (tokenised with BOS); T is half its length, for offset bookkeeping."""
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    if ids.shape[0] < 2:
-        raise InvalidInput("text", "a text of at least 2 tokens", text[:40])
-    return Prompt(prompt_id, "text", 0, (int(ids.shape[0]) - 1) // 2, ids.to(torch.int64))
+def text_window(lm: LoadedModel, path: str, T: int, prompt_id: int,
+                sha256: str | None = None) -> Prompt:
+    """Text prompt `prompt_id`: BOS + the prompt_id-th window of 2T tokens of a UTF-8 file.
+
+    As long as the repeat/control prompts (2T+1 with BOS), so all kinds of a unit share
+    batched passes. `sha256`: the file's digest when the sweep was planned (must not change).
+    """
+    if lm.tokenizer is None:
+        raise UnisweepError(f"prompts.kinds: 'text' needs a model with a tokenizer; {lm.model_id} has none")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise UnisweepError(f"prompts.text_file {path} changed since the sweep was planned")
+    ids = lm.tokenizer(data.decode("utf-8"), add_special_tokens=False)["input_ids"]
+    need = (prompt_id + 1) * 2 * T
+    if len(ids) < need:
+        raise UnisweepError(f"prompts.text_file: {len(ids)} tokens, prompt {prompt_id} needs {need} "
+                            "(count x 2T)")
+    bos = [lm.token_space.bos_token_id] if lm.token_space.bos_token_id is not None else []
+    window = bos + list(ids[prompt_id * 2 * T:need])
+    return Prompt(prompt_id, "text", 0, T, torch.tensor(window, dtype=torch.int64))
+
+
+def unit_prompts(lm: LoadedModel, work: UnitWork) -> list[Prompt]:
+    """The prompts of one unit: prompt `work.prompt.id` of each kind, in the unit's kind order."""
+    p = work.prompt
+    out = []
+    kinds = tuple(k for k in p.kinds if k != "text")
+    if kinds:
+        # Prompt k is the same for any count > k (drawn from (seed, k)).
+        prompts = make_prompts(lm.token_space, T=p.T, count=p.id + 1, seed=p.seed, kinds=kinds,
+                               max_positions=lm.max_positions)
+        out = [q for q in prompts if q.id == p.id]
+    if "text" in p.kinds:
+        if work.run.text_file is None:
+            raise UnisweepError("prompts.kinds: 'text' needs prompts.text_file")
+        out.append(text_window(lm, work.run.text_file, p.T, p.id, p.text_sha256))
+    return out

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-
-import torch
+from typing import TYPE_CHECKING
 
 from tasks.errors import InvalidInput
+
+if TYPE_CHECKING:  # torch is imported where used: `unisweep models list` needs none of it
+    import torch
 
 INIT_SEED = 0
 INIT_STD = 0.02  # HF's initializer_range for all three families
@@ -86,6 +88,7 @@ def shape_config(name: str):
 
 def count_parameters(name: str) -> int:
     """Parameters of a shape (tied embeddings counted once), built on the meta device."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -95,7 +98,7 @@ def count_parameters(name: str) -> int:
 
 
 def _token_space(cfg):
-    from tasks.models import TokenSpace
+    from tasks.model_handle import TokenSpace  # imports torch: see TYPE_CHECKING above
 
     special = {t for t in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) if t is not None}
     if cfg.model_type == "llama":
@@ -104,37 +107,40 @@ def _token_space(cfg):
     return TokenSpace(cfg.vocab_size, cfg.bos_token_id, frozenset(special))
 
 
-@torch.no_grad()
 def _seeded_init(model: torch.nn.Module, family: str) -> None:
     """N(0, 0.02) matrices, zero biases, unit norms (zero for Gemma's 1 + w norms).
 
     Drawn on the CPU from one seeded generator in parameter order, then cast and copied, so
     the weights are the same on every device and dtype.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(INIT_SEED)
-    for name, p in model.named_parameters():  # tied weights appear once
-        if p.ndim >= 2:
-            flat = p.view(-1) if p.is_contiguous() else None
-            if flat is None:
-                p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
-                continue
-            for k in range(0, flat.numel(), _INIT_CHUNK_ELEMS):
-                m = min(_INIT_CHUNK_ELEMS, flat.numel() - k)
-                flat[k:k + m].copy_(torch.randn(m, generator=gen).mul_(INIT_STD))
-        elif "norm" in name or "ln_" in name:
-            p.fill_(0.0 if family == "gemma2" else 1.0)
-        else:
-            p.zero_()
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # tied weights appear once
+            if p.ndim >= 2:
+                flat = p.view(-1) if p.is_contiguous() else None
+                if flat is None:
+                    p.copy_(torch.randn(p.shape, generator=gen) * INIT_STD)
+                    continue
+                for k in range(0, flat.numel(), _INIT_CHUNK_ELEMS):
+                    m = min(_INIT_CHUNK_ELEMS, flat.numel() - k)
+                    flat[k:k + m].copy_(torch.randn(m, generator=gen).mul_(INIT_STD))
+            elif "norm" in name or "ln_" in name:
+                p.fill_(0.0 if family == "gemma2" else 1.0)
+            else:
+                p.zero_()
 
 
 def load_shape(name: str, dtype: torch.dtype, device: torch.device):
     """(model, TokenSpace, identity) for a shape: random seeded weights, no download."""
+    import torch
     from transformers import AutoModelForCausalLM
     from transformers import initialization as hf_init
 
     cfg = shape_config(name)
-    # Hashed before loading: from_config writes the dtype into the config.
-    cfg_hash = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode())
+    # Before loading: from_config writes the dtype into the config.
+    identity = shape_identity(name)
     # Allocate directly on the device in the target dtype; skip HF's per-module init (slow
     # on billions of parameters) and draw the seeded weights ourselves.
     with torch.device(device), hf_init.no_init_weights():
@@ -143,6 +149,12 @@ def load_shape(name: str, dtype: torch.dtype, device: torch.device):
     model.tie_weights()
     _seeded_init(model, cfg.model_type)
     model.eval()
-    identity = {"name": f"shape:{name}", "not_real_weights": "true",
-                "config_sha256": cfg_hash.hexdigest(), "init_seed": str(INIT_SEED)}
     return model, _token_space(cfg), identity
+
+
+def shape_identity(name: str) -> dict[str, str]:
+    """The identity in a shape's unit keys: its published config (hashed) and init seed."""
+    cfg_hash = hashlib.sha256(json.dumps(shape_config(name).to_dict(), sort_keys=True,
+                                         default=str).encode())
+    return {"name": f"shape:{name}", "not_real_weights": "true",
+            "config_sha256": cfg_hash.hexdigest(), "init_seed": str(INIT_SEED)}

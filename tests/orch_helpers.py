@@ -21,6 +21,10 @@ import yaml
 
 ROOT = Path(__file__).absolute().parents[1]  # not resolve(): keep a symlinked checkout
 PY = sys.executable
+FAULT_SITE = ROOT / "tests" / "fault_site"
+# Seconds each unit of a worker sleeps before computing, so a test can kill it mid-unit
+# (read by tests/fault_site/sitecustomize.py in the workers).
+UNIT_DELAY_ENV = "UNISWEEP_TEST_UNIT_DELAY_S"
 _HOME: Path | None = None
 _HOME_BEFORE: str | None = None
 
@@ -42,7 +46,8 @@ def start_ray(tmp: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -
     _HOME_BEFORE = os.environ.get("HOME")
     os.environ["HOME"] = str(_HOME)
     pp = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), pp) if p)
+    # FAULT_SITE first: its sitecustomize injects the faults that `env` asks for (UNIT_DELAY_ENV).
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULT_SITE), str(ROOT), pp) if p)
     for k, v in (env or {}).items():
         os.environ[k] = v
     ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(tmp / "ray"),

@@ -158,7 +158,10 @@ def test_emergence_layer_is_the_placed_one(data):
         part = em.filter(pl.col("model") == model)
         assert set(part["emergence_layer"]) == {SPEC.emergence_layer(n_layers)}
         assert part["emergence_depth"][0] == pytest.approx(0.5)
-        assert part["max_score"].max() == pytest.approx(10.0, rel=1e-4)
+        assert set(part["emergence_status"]) == {"sustained"}
+        assert part["peak_score"].max() == pytest.approx(10.0, rel=1e-4)
+        # The score jumps from 1 to 10 at the emergence layer: half the rise is there too.
+        assert set(part["half_rise_layer"]) == {SPEC.emergence_layer(n_layers)}
     # The early spike (score 3) does not count: it does not stay above the threshold.
     sc = induction_scores(data).filter((pl.col("model") == "synth-b") & pl.col("eps").is_null()
                                        & (pl.col("lp") == 0) & (pl.col("dtype") == "float32"))
@@ -169,6 +172,7 @@ def test_emergence_layer_is_the_placed_one(data):
     # A threshold above every score finds no emergence.
     none = emergence(data, threshold=50.0)
     assert none["emergence_layer"].null_count() == len(none)
+    assert set(none["emergence_status"]) == {"none"}
 
 
 def test_sections_first_blocks(data):

@@ -164,6 +164,9 @@ def test_status_rate_eta_and_tables(store: Store, tmp_path: Path) -> None:
     # 20 cells in a bit over 0.2 s since the first start: < 100 cells/s (> 4 unless very slow).
     assert 4 < st.cells_per_s < 100
     assert st.eta_s == pytest.approx(20 / st.cells_per_s)
+    # The speed is over the done units' compute window: it does not fall while time passes.
+    time.sleep(0.3)
+    assert store.status("s1").cells_per_s == pytest.approx(st.cells_per_s, rel=1e-6)
     t = store.table_arrow("units", "s1")
     assert t.num_rows == 10 and t.column("status").to_pylist().count("done") == 5
     assert t.column("sweep").to_pylist() == ["s1"] * 10

@@ -120,8 +120,11 @@ def test_planner_counts_units_without_building_them(tmp_path: Path) -> None:
     for n_eps in (1, 3, 7, 12):
         for n_pos in (1, 5, 33):
             for per, cpu in ((4, 1), (4, 12), (8, 100), (2, 7), (1, 1000)):
-                built = _pack(tuple(range(n_eps)), list(range(n_pos)), per, cpu)
+                built = _pack(False, tuple(range(n_eps)), list(range(n_pos)), per, cpu)
                 assert _n_packs(n_eps, n_pos, per, cpu) == len(built), (n_eps, n_pos, per, cpu)
+                # The linear response is one more strength on the same axis.
+                with_linear = _pack(True, tuple(range(n_eps - 1)), list(range(n_pos)), per, cpu)
+                assert _n_packs(n_eps, n_pos, per, cpu) == len(with_linear), (n_eps, n_pos, per, cpu)
     # A grid of ~10**9 units is refused in well under a second instead of planning for hours.
     huge = spec_from_dict(spec_dict("huge", tmp_path, prompts={"T": 500, "count": 1000},
                                     positions="all", layers=[0, 1, 2, 3],

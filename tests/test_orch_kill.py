@@ -1,7 +1,7 @@
 """Drivers as real subprocesses: SIGKILL at several moments then resume, Ctrl-C, two drivers.
 
 The module owns one Ray session; each driver joins it (`--address`), so a killed driver's
-actors die with it as on a cluster. Units sleep UNISWEEP_FAULT_DELAY_S to be killable.
+actors die with it as on a cluster. Units sleep UNISWEEP_TEST_UNIT_DELAY_S to be killable.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.actor import FAULT_DELAY_ENV
 from tests.orch_helpers import (
+    UNIT_DELAY_ENV,
     check_complete,
     cli,
     sigkill,
@@ -30,9 +30,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    addr = start_ray(tmp_path_factory.mktemp("ray"), env={FAULT_DELAY_ENV: "0.2"})
+    addr = start_ray(tmp_path_factory.mktemp("ray"), env={UNIT_DELAY_ENV: "0.2"})
     yield addr
-    stop_ray((FAULT_DELAY_ENV,))
+    stop_ray((UNIT_DELAY_ENV,))
 
 
 def _args(address: str, db_url: str) -> list[str]:

@@ -1,6 +1,6 @@
 """The driver and actors on a real local Ray session: complete sweeps, widening, NaN, dead actors.
 
-One Ray session for the module; each unit sleeps UNISWEEP_FAULT_DELAY_S so a test can kill
+One Ray session for the module; each unit sleeps UNISWEEP_TEST_UNIT_DELAY_S so a test can kill
 an actor in the middle of one.
 """
 
@@ -14,12 +14,20 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from orchestrator.actor import FAULT_DELAY_ENV, NonFiniteResponse, add_unit_columns, check_finite
 from orchestrator.driver import Driver, actor_plan, submit
 from orchestrator.spec import Resources, spec_from_dict
 from tasks.errors import UnisweepError
 from tasks.layout import ENGINE_SCHEMA, SHARD_SCHEMA
-from tests.orch_helpers import check_complete, spec_dict, start_ray, stop_ray, units, wait_for
+from tasks.run_unit import NonFiniteResponse, add_unit_columns, check_finite
+from tests.orch_helpers import (
+    UNIT_DELAY_ENV,
+    check_complete,
+    spec_dict,
+    start_ray,
+    stop_ray,
+    units,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 DELAY = "0.2"
@@ -27,9 +35,9 @@ DELAY = "0.2"
 
 @pytest.fixture(scope="module")
 def ray_delay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    addr = start_ray(tmp_path_factory.mktemp("ray"), env={FAULT_DELAY_ENV: DELAY})
+    addr = start_ray(tmp_path_factory.mktemp("ray"), env={UNIT_DELAY_ENV: DELAY})
     yield addr
-    stop_ray((FAULT_DELAY_ENV,))
+    stop_ray((UNIT_DELAY_ENV,))
 
 
 # ---- pure parts -------------------------------------------------------------------------------

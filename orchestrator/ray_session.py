@@ -1,0 +1,68 @@
+"""The Ray session: start local Ray or join a cluster, shipping this checkout to its workers.
+
+What is shipped (the project folder minus environments, results and caches) is decided here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tasks.errors import InvalidInput, UnisweepError
+
+PROJECT_ROOT = Path(__file__).absolute().parents[1]  # not resolve(): keep a symlinked checkout
+# Never shipped to a cluster: environments, results, caches.
+SHIP_EXCLUDES = [".venv", ".git", "runs", "unisweep-out", "**/__pycache__", "*.parquet", "*.db",
+                 ".pytest_cache", ".ruff_cache"]
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship: bool = True) -> None:
+    """Local Ray by default; `address` ("auto" or ray://...) joins a cluster, shipping the project."""
+    import ray  # imported on use: Ray costs seconds to import
+
+    if ray.is_initialized():
+        return
+    if address is None:
+        # Local workers inherit the environment: put this checkout first on their path.
+        pp = os.environ.get("PYTHONPATH", "")
+        if str(PROJECT_ROOT) not in pp.split(os.pathsep):
+            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), pp) if p)
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+        return
+    runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": SHIP_EXCLUDES} if ship else None
+    check_address(address)
+    try:
+        with warnings.catch_warnings():  # the failure below says it in one line
+            warnings.simplefilter("ignore", UserWarning)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False,
+                     logging_level=logging.WARNING)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        # No cluster at that address (Ray's client gives up after its retries): the user's
+        # environment, so one line. Nothing was leased yet.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnisweepError(f"--address {address}: cannot connect to the Ray cluster ({first})") from None
+
+
+def check_address(address: str, timeout_s: float = 10.0) -> None:
+    """For ray://HOST:PORT, one TCP connect first: Ray's client retries a closed port for
+    about a minute before it says so; a refused or unroutable port fails here at once."""
+    if not address.startswith("ray://"):
+        return
+    try:
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port or 10001
+    except ValueError as exc:
+        raise InvalidInput("--address", "auto or ray://HOST[:PORT]", address, detail=str(exc)) from None
+    if not host:
+        raise InvalidInput("--address", "auto or ray://HOST[:PORT]", address)
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UnisweepError(f"--address {address}: cannot connect to the Ray cluster "
+                            f"({host}:{port}: {reason})") from None
