@@ -13,8 +13,9 @@ after each part so that a run cut short still leaves what it measured. Parts:
   sweep  (d) one sweep end to end through orchestrator.actor.UnitRunner (no Ray) with SQLite
              and a local output folder, beside the engine alone on the same grid.
 
-Each part imports only what it needs: (a)-(c) torch and transformers, (d) also SQLAlchemy,
-Alembic, pydantic and PyYAML (bench/gpu_prepare.sh fetches their wheels for the GPU machine).
+Each part imports only what it needs, never Ray, DuckDB or Polars: (a)-(c) torch,
+transformers and gguf, (d) also SQLAlchemy, Alembic, pydantic and PyYAML. bench/gpu_prepare.sh
+fetches the wheels the GPU machine lacks (gguf, SQLAlchemy, Alembic, pydantic, ...).
 
     python bench/gpu_check.py OUT --device cuda              # the GPU run (BENCHMARKS.md)
     python bench/gpu_check.py OUT --device cpu --quick       # the same checks, CPU-sized
@@ -92,7 +93,7 @@ def exact_one(family: str, dtype: str, device: str, quick: bool = False) -> dict
     dirs = random_directions(lm.d_model, 2, seed=1)
     lps = [0, L // 2]
     positions = [5, n - 1] if quick else [0, 5, 9, n - 1]
-    eps = [1e-3, 1e-1, 0.7] if quick else [1e-5, 1e-3, 1e-2, 1e-1, 0.7]
+    eps = [1e-2, 0.7] if quick else [1e-5, 1e-3, 1e-2, 1e-1, 0.7]
     dirs = dirs[:1] if quick else dirs
     tol, tol_kl, min_eps = EXACT_TOL[dtype]
     table = compute_responses(lm, prompts, lps, positions, eps, dirs)
@@ -243,7 +244,7 @@ def part_sweep(args, report) -> dict:
 
     from bench.e2e import engine_only
     from orchestrator.actor import UnitRunner
-    from orchestrator.driver import submit
+    from orchestrator.submit import submit
     from orchestrator.spec import spec_from_dict
 
     tmp = Path(tempfile.mkdtemp(prefix="unisweep-gpu-check-"))

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Fetch the wheels that bench/gpu_check.py's sweep part (d) needs on the GPU machine into .whl/
-# (git-ignored; it travels with the working tree). That machine has Python 3.12, torch,
-# transformers, pyarrow, numpy, PyYAML and MarkupSafe, but no SQLAlchemy, Alembic or pydantic,
-# and no network. The versions are the ones installed in this checkout's .venv, so the GPU run
+# Fetch the wheels that bench/gpu_check.py needs on the GPU machine into .whl/ (git-ignored; it
+# travels with the working tree). That machine has Python 3.12, torch, transformers, pyarrow,
+# numpy, PyYAML, requests, tqdm and MarkupSafe, but no network and none of: gguf (tasks.models
+# reads GGUF headers with it: every part), SQLAlchemy, Alembic, pydantic (the sweep, part d). The versions are the ones installed in this checkout's .venv, so the GPU run
 # uses what the tests here ran with. Then, on the GPU machine (BENCHMARKS.md has the command):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #       --target /tmp/site .whl/*.whl && PYTHONPATH=/tmp/site python3 bench/gpu_check.py OUT
@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 # Distribution names (as pip knows them): what part (d) imports beyond the machine's own set.
 # typing-extensions: pydantic 2.14 needs >= 4.16, newer than some images carry.
-NAMES=(sqlalchemy alembic mako pydantic pydantic-core annotated-types typing-inspection
+NAMES=(sqlalchemy alembic mako pydantic pydantic-core annotated-types typing-inspection gguf
        typing-extensions)
 LIMIT_MIB=50  # the working tree may carry 64 MiB in all
 

@@ -1,5 +1,5 @@
 """Paper-scale benchmark: the engine on the paper's grid for each model shape, beside the naive
-per-cell loop and the peers (nnsight, TransformerLens's TransformerBridge), in one process.
+per-cell loop, in one process (the peers, nnsight and TransformerBridge: bench/peers.py).
 
 Per model and dtype: cells/s, tokens/s, achieved FLOP/s counted from the shape and its fraction
 of the device's peak (dense datasheet peak on CUDA; measured torch.mm on the CPU), peak memory,
@@ -13,7 +13,6 @@ random weights (timings are real, responses are not the real model's).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import resource
@@ -149,7 +148,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine, the naive loop, the peers.
+# The engine and the naive loop.
 
 
 @dataclass
@@ -202,124 +201,6 @@ def naive_cells_per_s(lm, g: Grid, max_cells: int) -> float:
     return cells / secs
 
 
-def _cell_list(g: Grid, max_cells: int) -> list[tuple]:
-    cells = [(p, lp, j, e, d) for p in g.prompts for lp in g.lps for j in g.positions
-             for e in g.eps for d in range(len(g.dirs))]
-    step = max(1, len(cells) // max_cells)
-    return cells[::step][:max_cells]
-
-
-def _kl(z1: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-    logp, logq = torch.log_softmax(z0.float(), -1), torch.log_softmax(z1.float(), -1)
-    return (logq.exp() * (logq - logp)).sum(-1)
-
-
-def nnsight_rates(lm, g: Grid, max_cells: int) -> tuple[float, float]:
-    """(cells/s one trace per cell, cells/s with the eps of one (lp, j, direction) as invokes
-    of one trace). Each cell saves the residual after every block from lp on and the logits,
-    and reduces them to R per level and position and the KL, as the engine does."""
-    import nnsight
-    from nnsight import LanguageModel
-
-    # A copy: the wrapper must not leave anything on the model the engine runs.
-    nm = LanguageModel(copy.deepcopy(lm.model), tokenizer=lm.tokenizer)
-    layers = nm.model.layers if hasattr(nm, "model") and hasattr(nm.model, "layers") else nm.transformer.h
-    L = lm.n_layers
-    clean = {}
-    for p in g.prompts:
-        with torch.no_grad(), nm.trace(p.input_ids[None].to(lm.device)):
-            ins, outs = nnsight.save([]), nnsight.save([])
-            for lvl in range(L):  # in execution order: nnsight cannot go back
-                ins.append(layers[lvl].input)
-                outs.append(layers[lvl].output)
-            logits = nm.output.logits.save()
-        clean[id(p)] = (ins, outs, logits)
-
-    def reduce(p, lp, rows_out, z1):
-        x0 = torch.stack([o[0] for o in clean[id(p)][1][lp:]])
-        r = (torch.stack([o[0] for o in rows_out]) - x0).norm(dim=-1) / x0.norm(dim=-1)
-        return r, _kl(z1[0], clean[id(p)][2][0])
-
-    one = _cell_list(g, max_cells)
-    t0 = time.perf_counter()
-    for p, lp, j, e, d in one:
-        delta = e * clean[id(p)][0][lp][0, j].norm() * g.dirs[d].to(lm.dtype).to(lm.device)
-        with torch.no_grad(), nm.trace(p.input_ids[None].to(lm.device)):
-            layers[lp].input[:, j] += delta
-            outs = nnsight.save([])
-            for lvl in range(lp, L):
-                outs.append(layers[lvl].output)
-            z1 = nm.output.logits.save()
-        reduce(p, lp, outs, z1)
-    per_cell = len(one) / (time.perf_counter() - t0)
-
-    # Batched: one trace per (prompt, lp, j, direction), the eps as invokes; a subset of them.
-    groups = [(p, lp, j, d) for p in g.prompts for lp in g.lps for j in g.positions
-              for d in range(len(g.dirs))]
-    n_groups = max(1, min(len(groups), max_cells // len(g.eps)))
-    groups = groups[::max(1, len(groups) // n_groups)][:n_groups]
-    t0 = time.perf_counter()
-    for p, lp, j, d in groups:
-        norm = clean[id(p)][0][lp][0, j].norm()
-        u = g.dirs[d].to(lm.dtype).to(lm.device)
-        ids = p.input_ids[None].to(lm.device)
-        with torch.no_grad(), nm.trace() as tracer:
-            res = nnsight.save([])
-            for e in g.eps:
-                with tracer.invoke(ids):
-                    layers[lp].input[:, j] += e * norm * u
-                    row = []
-                    for lvl in range(lp, L):
-                        row.append(layers[lvl].output)
-                    row.append(nm.output.logits)
-                    res.append(row)
-        for row in res:
-            reduce(p, lp, row[:-1], row[-1])
-    batched = len(groups) * len(g.eps) / (time.perf_counter() - t0)
-    return per_cell, batched
-
-
-def bridge_cells_per_s(lm, g: Grid, max_cells: int) -> float:
-    """TransformerLens 4.x TransformerBridge around the same HF model: run_with_hooks per cell,
-    injecting at blocks.lp.hook_resid_pre and reading every hook_resid_post from lp on."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    # A copy: the bridge swaps the model's blocks for its own wrappers in place.
-    bridge = TransformerBridge.boot_transformers(lm.identity.get("name", "model"),
-                                                 hf_model=copy.deepcopy(lm.model),
-                                                 tokenizer=lm.tokenizer)
-    L = lm.n_layers
-    one = _cell_list(g, max_cells)
-    clean = {}
-    for p in g.prompts:
-        store: dict[int, torch.Tensor] = {}
-        hooks = [(f"blocks.{lvl}.hook_resid_pre", lambda x, hook, lvl=lvl, store=store: store.__setitem__(lvl, x))
-                 for lvl in range(L)]
-        with torch.no_grad():
-            z0 = bridge.run_with_hooks(p.input_ids[None].to(lm.device), fwd_hooks=hooks)
-        clean[id(p)] = (dict(store), z0)
-    t0 = time.perf_counter()
-    for p, lp, j, e, d in one:
-        x0, z0 = clean[id(p)]
-        delta = e * x0[lp][0, j].norm() * g.dirs[d].to(lm.dtype).to(lm.device)
-
-        def inject(x, hook, j=j, delta=delta):
-            x = x.clone()
-            x[:, j] += delta
-            return x
-
-        out: dict[int, torch.Tensor] = {}
-        hooks = [(f"blocks.{lp}.hook_resid_pre", inject)] + [
-            (f"blocks.{lvl}.hook_resid_post", lambda x, hook, lvl=lvl, out=out: out.__setitem__(lvl, x))
-            for lvl in range(lp, L)]
-        with torch.no_grad():
-            z1 = bridge.run_with_hooks(p.input_ids[None].to(lm.device), fwd_hooks=hooks)
-        base = torch.stack([x0[lvl + 1][0] for lvl in range(lp, L - 1)])
-        _ = (torch.stack([out[lvl][0] for lvl in range(lp, L - 1)]) - base).norm(dim=-1)
-        _kl(z1[0], z0[0])
-    return len(one) / (time.perf_counter() - t0)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -366,33 +247,6 @@ def bench_model(short: str, dtype: str, device: torch.device, args) -> dict:
     return row
 
 
-def peers_on(short: str, device: torch.device, args) -> dict:
-    """Engine vs peers on lp in {0, L/3, 2L/3}, the same cells, one process."""
-    lm = load_model(model_name(short), dtype="float32", device=str(device), check=False)
-    g = paper_grid(lm, args.T, args.positions, (0, 1 / 3, 2 / 3), args.eps_count,
-                   args.peer_directions, kinds=("repeat",))
-    out = {"model": short, "lps": g.lps, "positions": g.positions, "cells": g.cells,
-           "engine": g.cells / time_engine(lm, g, args.max_rows, args.repeat)}
-    # FLOP limit of engine / peer: a peer runs the full model (and the head) on all n
-    # positions for each cell; the engine what ShapeCost counts for its passes.
-    cost, n = ShapeCost.of(lm), g.prompts[0].n
-    peer = g.cells * (cost.blocks(0, n, cost.n_layers) + 2.0 * cost.head * n)
-    mine, _ = grid_flops(cost, n, g.lps, g.positions, len(g.eps) * len(g.dirs), 0, 1)
-    out["limit"] = peer / mine
-    out["naive"] = naive_cells_per_s(lm, g, args.peer_cells)
-    try:
-        out["nnsight_cell"], out["nnsight_batched"] = nnsight_rates(lm, g, args.peer_cells * 3)
-    except ImportError as exc:
-        out["nnsight_error"] = f"not installed ({exc}); pip install '.[bench]'"
-    try:
-        out["bridge"] = bridge_cells_per_s(lm, g, args.peer_cells)
-    except ImportError as exc:
-        out["bridge_error"] = f"not installed ({exc}); pip install '.[bench]'"
-    # The engine again, after the peers: the machine's load drifts; keep the better.
-    out["engine"] = max(out["engine"], g.cells / time_engine(lm, g, args.max_rows, 1))
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -410,10 +264,6 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=2, help="best-of for the engine timing")
     ap.add_argument("--naive-cells", type=int, default=6)
-    ap.add_argument("--peers", default="smollm2-135m", help="models for the peer table ('' = none)")
-    ap.add_argument("--peer-cells", type=int, default=8)
-    ap.add_argument("--peer-directions", type=int, default=4,
-                    help="directions in the peer grid (nnsight batches the eps of one direction)")
     ap.add_argument("--quick", action="store_true", help="CI size: T=16, 2 positions, best-of-1")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -456,26 +306,6 @@ def main() -> None:
               f"(mm {r['mm_tflops']:.3f}) | {peak} | {r['mem_gib']:.1f} | {r['rows']} "
               f"| {naive:.2f} | {r['cells_s'] / naive:.0f}x | {fmt_time(r['projected'])} |",
               flush=True)
-    peers = [p for p in args.peers.split(",") if p]
-    if peers:
-        print(f"\nPeers, same process, lp in {{0, L/3, 2L/3}}, float32, repeat prompt, "
-              f"{args.eps_count} eps x {args.peer_directions} directions (cells/s; ratio = "
-              "engine / peer; FLOP limit = a peer's FLOPs per cell / the engine's):\n")
-        print("| model | positions | engine | FLOP limit | naive loop | nnsight, trace per cell "
-              "| nnsight, eps as invokes | TransformerBridge |")
-        print("|---|---|---|---|---|---|---|---|")
-        for short in peers:
-            p = peers_on(short, device, args)
-            e = p["engine"]
-
-            def cell(key, p=p, e=e):
-                if key not in p:
-                    return p.get(key.split("_")[0] + "_error", "-")
-                return f"{p[key]:.2f} ({e / p[key]:.1f}x)"
-
-            print(f"| {short} | {p['positions']} | {e:.1f} | {p['limit']:.2f}x | {cell('naive')} | "
-                  f"{cell('nnsight_cell')} | {cell('nnsight_batched')} | {cell('bridge')} |",
-                  flush=True)
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
