@@ -244,8 +244,8 @@ def part_sweep(args, report) -> dict:
 
     from bench.e2e import engine_only
     from orchestrator.actor import UnitRunner
-    from orchestrator.submit import submit
     from orchestrator.spec import spec_from_dict
+    from orchestrator.submit import submit
 
     tmp = Path(tempfile.mkdtemp(prefix="unisweep-gpu-check-"))
     spec = spec_from_dict(sweep_spec(args, tmp))
