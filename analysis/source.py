@@ -54,7 +54,8 @@ def load_sweep(sweep: str | None, db: str | None = None, out: str | Path | None 
     store = connect(db, output_dir=out, create=False, upgrade_schema=False)
     try:
         names = [sweep] if sweep is not None else [s.name for s in store.list_sweeps()]
-        shards = [s for name in names for s in store.done_shards(name)]  # unknown name: raises
+        # Unknown name: raises. A unit shared by two sweeps is read once.
+        shards = list({s.path: s for name in names for s in store.done_shards(name)}.values())
         # Never return rows of a shard whose bytes changed since its unit was done.
         check_shards(shards)
         units = store.table_arrow("units", sweep)

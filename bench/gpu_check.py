@@ -172,8 +172,8 @@ def scale_settings(args) -> argparse.Namespace:
                                   naive_cells=4 if "naive" in args.parts else 0)
     return argparse.Namespace(
         T=args.T, positions=args.positions, eps_count=11, directions=4, linear=True,
-        # 8 prompt pairs' worth of rows per pass on a GPU; both prompts of a pair on a CPU.
-        max_rows=args.max_rows or (16 if cuda else 2) * (1 + 11 * 4), repeat=2 if cuda else 1,
+        # None: the engine sizes its passes from free device memory (tasks.batching).
+        max_rows=args.max_rows, repeat=2 if cuda else 1,
         naive_cells=(24 if cuda else 4) if "naive" in args.parts else 0)
 
 
@@ -213,7 +213,7 @@ def _scale_line(r: dict) -> str:
              if "naive_cells_s" in r else "")
     return (f"{r['cells_s']:.1f} cells/s, {r['tokens_s']:.0f} tokens/s, {r['tflops']:.3f} TFLOP/s "
             f"({peak}; {100 * r['frac_mm']:.0f}% of torch.mm), {r['mem_gib']:.1f} GiB, "
-            f"max_rows {r['rows']}, paper grid {r['projected']:.0f} s{naive}")
+            f"rows per pass {r['rows']}, paper grid {r['projected']:.0f} s{naive}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,10 +340,10 @@ def text_report(res: dict) -> str:
         lines += [f"(b, c) paper grid, {s.get('dtype')}: T={st.get('T')}, "
                   f"{st.get('positions') or 'all'} positions of copy 1 timed, lp in {{0, L/4, "
                   f"L/2, 3L/4}}, {st.get('eps_count')} eps + linear x {st.get('directions')} "
-                  f"directions, repeat + control; max_rows {st.get('max_rows')}; FLOPs are "
+                  f"directions, repeat + control; max_rows {st.get('max_rows') or 'from free memory'}; FLOPs are "
                   "those the cells need (bench/paper_scale.py grid_flops)", "",
                   "| model | cells/s | tokens/s | TFLOP/s | % dense peak | % torch.mm | peak GiB "
-                  "| max_rows | naive cells/s | engine/naive | 8-pair paper grid |",
+                  "| rows per pass | naive cells/s | engine/naive | 8-pair paper grid |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in s.get("rows", []):
             if "error" in r:
@@ -394,7 +394,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--T", type=int, default=64)
     ap.add_argument("--positions", type=int, default=16,
                     help="positions of copy 1 timed (evenly spaced; the full grid is projected)")
-    ap.add_argument("--max-rows", type=int, default=None)
+    ap.add_argument("--max-rows", type=int, default=None,
+                    help="cap on rows per pass (default: the engine's choice from free memory)")
     ap.add_argument("--sweep-model", default=None)
     args = ap.parse_args(argv)
     bad = [p for p in args.parts.split(",") if p not in PARTS]

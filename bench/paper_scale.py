@@ -212,6 +212,14 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _rows_per_pass(lm, n: int, linear: bool, max_rows: int | None) -> int:
+    """The engine's rows per pass for this model and length (its memory planner's choice,
+    capped by max_rows), as compute_responses takes it."""
+    from tasks.batching import rows_per_pass
+
+    return rows_per_pass(lm, n, None, linear, max_rows).rows
+
+
 def bench_model(short: str, dtype: str, device: torch.device, args) -> dict:
     """The engine on the paper grid of one model (args: T, positions, eps_count, directions,
     max_rows, repeat, naive_cells, linear), with the FLOP rate and the whole grid projected."""
@@ -240,7 +248,8 @@ def bench_model(short: str, dtype: str, device: torch.device, args) -> dict:
                tflops=achieved / 1e12, mm_tflops=mm / 1e12, frac_mm=achieved / mm,
                peak_tflops=datasheet / 1e12 if datasheet else None,
                frac_peak=(achieved / datasheet) if datasheet else None,
-               mem_gib=peak_memory_gib(device), rows=args.max_rows, projected=full / achieved)
+               mem_gib=peak_memory_gib(device), rows=_rows_per_pass(lm, n, g.linear, args.max_rows),
+               projected=full / achieved)
     if args.naive_cells:
         row["naive_cells_s"] = naive_cells_per_s(lm, g, args.naive_cells)
     del lm
@@ -288,7 +297,7 @@ def main() -> None:
           f"{args.eps_count} eps in [1e-5, 1]{' + linear' if args.linear else ''} x "
           f"{args.directions} directions, repeat + control; "
           f"{'all' if not args.positions else args.positions} positions of copy 1 timed; "
-          f"max_rows {args.max_rows}")
+          f"max_rows {args.max_rows} (engine default: from the memory budget)")
     if shapes:
         print("`*` = shape-only model, random weights (not real weights)\n")
         print("| model | dtype | cells/s | tokens/s | TFLOP/s | % of torch.mm | % of dense peak "

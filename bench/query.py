@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pyarrow.parquet as pq  # noqa: E402
+
 from analysis.source import from_shards  # noqa: E402
 from analysis.synthetic import SyntheticSpec, write_synthetic_sweep  # noqa: E402
 from analysis.universality import universality  # noqa: E402
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the data afterwards")
     ap.add_argument("--reuse", default=None, help="time the shards in this folder (kept by "
                     "--keep) instead of writing new ones")
+    ap.add_argument("--check", action="store_true", help="also time the sha256 check on read "
+                    "(db.shards.check_shards), cold and cached, interleaved with universality()")
     args = ap.parse_args(argv)
 
     n_prompts = max(1, round(args.rows / rows_per_pair()))
@@ -76,10 +80,46 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|---|---|---|---|---|---|")
         print(f"| {rows:,} | {len(paths)} | {size / 2**30:.2f} | {args.threads} | "
               f"{best[0]:.2f} | {best[1]:.2f} | {best[2]:.1f} |")
+        if args.check:
+            _time_shard_check(paths, data, args.repeat)
     finally:
         if not (args.keep or args.reuse):
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _time_shard_check(paths: list[Path], data, repeat: int) -> None:
+    """What `query`/`report` pay before reading: sha256 of every shard (cold), or one stat
+    and a cache lookup per shard (cached by path, size, mtime)."""
+    import db.shards as shards
+
+    infos = [shards.ShardInfo(str(p), pq.ParquetFile(p).metadata.num_rows, p.stat().st_size,
+                              shards.sha256_file(p)) for p in paths]
+    cache_dir = Path(tempfile.mkdtemp(prefix="unisweep-bench-cache-"))
+    os.environ["XDG_CACHE_HOME"] = str(cache_dir)
+    runs = []  # (cold s, cached s, universality s, load)
+    try:
+        for _ in range(repeat):
+            load = os.getloadavg()[0]
+            shutil.rmtree(cache_dir / "unisweep", ignore_errors=True)
+            shards._VERIFIED.clear()
+            t0 = time.perf_counter()
+            shards.check_shards(infos)
+            cold = time.perf_counter() - t0
+            shards._VERIFIED.clear()  # a new process: only the cache file remains
+            t0 = time.perf_counter()
+            shards.check_shards(infos)
+            warm = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            universality(data)
+            runs.append((cold, warm, time.perf_counter() - t0, load))
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    print("| shards | sha256 check, cold (s) | check, cached (s) | universality (s) | "
+          "cold / universality | load average before |")
+    print("|---|---|---|---|---|---|")
+    for cold, warm, uni, load in runs:
+        print(f"| {len(paths)} | {cold:.2f} | {warm:.4f} | {uni:.2f} | {cold / uni:.2f} | {load:.1f} |")
 
 
 if __name__ == "__main__":

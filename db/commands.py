@@ -65,6 +65,8 @@ def status(sweep: str = typer.Argument(..., help="Sweep name."), db: str | None 
     """Progress of a sweep: units by status, cells/s, ETA and the failed units with their errors."""
     with _open(db, out) as store:
         st = store.status(sweep)
+        # Existence and size only (a stat per shard): cheap enough for every status call.
+        lost = store.lost_shards(sweep)
     table = Table(title=f"sweep {st.sweep}")
     for col in ("pending", "leased", "done", "failed", "total"):
         table.add_column(col, justify="right")
@@ -78,6 +80,10 @@ def status(sweep: str = typer.Argument(..., help="Sweep name."), db: str | None 
         f"  compute {_fmt_s(st.compute_s)}"
         + (f"  expired leases {st.expired_leases}" if st.expired_leases else "")
     )
+    if lost:
+        console.print(f"{len(lost)} done units have a missing or changed shard (first: "
+                      f"{escape(lost[0].key)}: {escape(lost[0].reason)}); `unisweep resume "
+                      f"{escape(st.sweep)}` recomputes them")
     if st.failed:
         ft = Table(title="failed units")
         ft.add_column("unit")

@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from db.leasing import utcnow
-from db.models import Unit
+from db.models import Unit, in_sweep
 from db.shards import ShardInfo, key_of, shard_files, verify_shard
 from db.sweeps import SweepStore
 
@@ -48,7 +48,7 @@ class IntegrityStore(SweepStore):
         with self._session() as s:
             rows = s.execute(
                 select(Unit.key, Unit.result_path, Unit.result_rows, Unit.result_bytes, Unit.result_sha256)
-                .where(Unit.sweep_id == info.id, Unit.status == "done")
+                .where(in_sweep(info.id), Unit.status == "done")
                 .order_by(Unit.id)
             ).all()
         problems = []
@@ -61,6 +61,31 @@ class IntegrityStore(SweepStore):
                 problems.append(ShardProblem(key, path, reason))
         return VerifyReport(info.name, len(rows), problems)
 
+    def lost_shards(self, sweep: int | str) -> list[ShardProblem]:
+        """Done units whose shard file is missing or has another size: a stat per shard, no
+        read (for `status` and `resume`; `verify` also reads rows and the sha256)."""
+        info = self.get_sweep(sweep)
+        with self._session() as s:
+            rows = s.execute(
+                select(Unit.key, Unit.result_path, Unit.result_bytes)
+                .where(in_sweep(info.id), Unit.status == "done").order_by(Unit.id)
+            ).all()
+        problems = []
+        for key, path, nbytes in rows:
+            if not path:
+                problems.append(ShardProblem(key, path, "done without a recorded shard"))
+                continue
+            try:
+                size = os.stat(path).st_size
+            except FileNotFoundError:
+                problems.append(ShardProblem(key, path, "missing"))
+                continue
+            except OSError:
+                continue  # not a local file (object store): `verify` checks it
+            if size != nbytes:
+                problems.append(ShardProblem(key, path, f"size {size} != recorded {nbytes}"))
+        return problems
+
     def orphans(self, sweep: int | str, *, include_in_flight: bool = False) -> list[Path]:
         """Files under the sweep's shard folder that are not the shard of a done unit.
 
@@ -72,14 +97,14 @@ class IntegrityStore(SweepStore):
             done = {
                 os.path.realpath(p)
                 for (p,) in s.execute(
-                    select(Unit.result_path).where(Unit.sweep_id == info.id, Unit.status == "done")
+                    select(Unit.result_path).where(in_sweep(info.id), Unit.status == "done")
                 )
                 if p
             }
             live = set(
                 s.execute(
                     select(Unit.key).where(
-                        Unit.sweep_id == info.id, Unit.status == "leased", Unit.lease_expires >= now
+                        in_sweep(info.id), Unit.status == "leased", Unit.lease_expires >= now
                     )
                 ).scalars()
             )

@@ -13,11 +13,11 @@ from datetime import datetime, timedelta, timezone
 from functools import cache
 from typing import Any, Literal
 
-from sqlalchemy import bindparam, case, literal, select, update
+from sqlalchemy import and_, bindparam, case, literal, or_, select, update
 from sqlalchemy.orm import Session
 from sqlalchemy.sql import Executable
 
-from db.models import Unit
+from db.models import SweepMember, Unit, in_sweep
 from tasks.errors import InvalidInput
 
 logger = logging.getLogger("unisweep.db")
@@ -74,6 +74,10 @@ def _lease_stmt(postgres: bool, by_group: bool, capped: bool, expired: bool) -> 
     if postgres:
         # Concurrent leasers skip each other's rows instead of queueing on them.
         candidates = candidates.with_for_update(skip_locked=True)
+    return _leasing_update(candidates)
+
+
+def _leasing_update(candidates: Any) -> Executable:
     return (
         update(units)
         .where(c.id.in_(candidates.scalar_subquery()))
@@ -87,6 +91,23 @@ def _lease_stmt(postgres: bool, by_group: bool, capped: bool, expired: bool) -> 
         )
         .returning(c.id, c.key, c.group, c.params, c.attempts, c.n_cells)
     )
+
+
+@cache
+def _lease_shared_stmt(postgres: bool, by_group: bool, capped: bool) -> Executable:
+    members = SweepMember.__table__.c
+    shared = select(members.unit_id).where(members.sweep_id == bindparam("p_sweep"))
+    open_ = or_(c.status == "pending",
+                and_(c.status == "leased", c.lease_expires < bindparam("p_now")))
+    cond = [c.id.in_(shared.scalar_subquery()), open_]
+    if by_group:
+        cond.append(c.group == bindparam("p_group"))
+    if capped:
+        cond.append(c.attempts < bindparam("p_max"))
+    candidates = select(c.id).where(*cond).order_by(c.id).limit(bindparam("p_n"))
+    if postgres:
+        candidates = candidates.with_for_update(skip_locked=True)
+    return _leasing_update(candidates)
 
 
 def lease_units(
@@ -116,6 +137,11 @@ def lease_units(
     if len(rows) < n:
         params["p_n"] = n - len(rows)
         rows += conn.execute(_lease_stmt(*shape, expired=not expired_first), params).all()
+    if len(rows) < n:
+        # Units this sweep shares with the sweep that planned them (same cells), only once
+        # its own are gone: the common case keeps its two index-ordered statements.
+        params["p_n"] = n - len(rows)
+        rows += conn.execute(_lease_shared_stmt(*shape), params).all()
     return [LeasedUnit(r.key, r.group, r.params, r.attempts, r.n_cells) for r in sorted(rows)]
 
 
@@ -199,11 +225,34 @@ _FAIL = (
 )
 
 
-def fail(session: Session, key: str, worker_id: str, error: str, max_attempts: int) -> FailOutcome:
-    """Record a failed attempt: back to pending for a retry, or failed once attempts reach max."""
+# The machine failed, not the unit (full or read-only disk, lost connection): pending again
+# with its attempt given back, like a release; the error stays visible in `status`.
+_FAIL_ENVIRONMENT = (
+    update(units)
+    .where(c.key == bindparam("p_key"), c.status == "leased", c.lease_owner == bindparam("p_worker"))
+    .values(
+        status="pending",
+        error=bindparam("p_error"),
+        lease_owner=None,
+        lease_expires=None,
+        attempts=case((c.attempts > 0, c.attempts - 1), else_=0),
+    )
+    .returning(c.status)
+)
+
+
+def fail(session: Session, key: str, worker_id: str, error: str, max_attempts: int,
+         environment: bool = False) -> FailOutcome:
+    """Record a failed attempt: back to pending for a retry, or failed once attempts reach max.
+
+    environment=True (ENOSPC, EACCES, a lost connection): pending again without using an
+    attempt; the worker, not the unit, has to wait for the machine to be fixed.
+    """
     params = {"p_key": key, "p_worker": worker_id, "p_max": max_attempts,
-              "p_error": f"[{worker_id}] {error}", "p_now": utcnow()}
-    status = session.connection().execute(_FAIL, params).scalar()
+              "p_error": f"[{worker_id}] {'[environment] ' if environment else ''}{error}",
+              "p_now": utcnow()}
+    stmt = _FAIL_ENVIRONMENT if environment else _FAIL
+    status = session.connection().execute(stmt, params).scalar()
     if status is not None:
         return "failed" if status == "failed" else "retry"
     outcome = _why_not(session, key)
@@ -238,7 +287,7 @@ def reclaim_expired(
     now = utcnow()
     base = [c.status == "leased", c.lease_expires < now]
     if sweep_id is not None:
-        base.append(c.sweep_id == sweep_id)
+        base.append(in_sweep(sweep_id))
     n_failed = 0
     if max_attempts is not None:
         msg = literal("lease expired on every attempt (worker lost each time); last holder ")
@@ -251,3 +300,29 @@ def reclaim_expired(
         update(units).where(*base).values(status="pending", lease_owner=None, lease_expires=None)
     ).rowcount or 0
     return n_reset, n_failed
+
+
+def requeue(session: Session, sweep_id: int, *, failed: bool, keys: Sequence[str] | None = None,
+            done_keys: Sequence[str] = ()) -> int:
+    """Give units of a sweep a fresh start (pending, attempts 0): its failed units (all, or
+    those in `keys`), and the done units in `done_keys` (their shard was lost or changed).
+
+    Leased units are never touched: a live worker holds them. Returns how many changed.
+    """
+    conn = session.connection()
+    fresh = {"status": "pending", "attempts": 0, "lease_owner": None, "lease_expires": None,
+             "started_at": None, "finished_at": None}
+    n = 0
+    if failed or keys:
+        cond = [in_sweep(sweep_id), c.status == "failed"]
+        if keys is not None:
+            cond.append(c.key.in_(list(keys)))
+        n += conn.execute(update(units).where(*cond).values(**fresh)).rowcount or 0
+    if done_keys:
+        n += conn.execute(
+            update(units)
+            .where(in_sweep(sweep_id), c.status == "done", c.key.in_(list(done_keys)))
+            .values(**fresh, error="shard missing or changed: recomputed", result_path=None,
+                    result_rows=None, result_bytes=None, result_sha256=None, compute_s=None)
+        ).rowcount or 0
+    return n

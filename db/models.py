@@ -1,6 +1,6 @@
 """SQLAlchemy models of the result database: sweeps, work units and workers.
 
-Only table definitions live here; queries are in store.py and leasing.py, schema changes in migrations/.
+Only table definitions (and `in_sweep`, the one condition for "a unit of this sweep") live here; queries are in store.py and leasing.py, schema changes in migrations/.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    or_,
+    select,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -87,6 +89,20 @@ class Unit(Base):
     )
 
 
+class SweepMember(Base):
+    """A unit that belongs to a sweep besides the one that planned it (same cells, same key).
+
+    A sweep's units are those with units.sweep_id = its id, plus those listed here.
+    """
+
+    __tablename__ = "sweep_members"
+
+    sweep_id: Mapped[int] = mapped_column(ForeignKey("sweeps.id", ondelete="CASCADE"), primary_key=True)
+    unit_id: Mapped[int] = mapped_column(ForeignKey("units.id", ondelete="CASCADE"), primary_key=True)
+
+    __table_args__ = (Index("ix_sweep_members_unit", "unit_id"),)
+
+
 class Worker(Base):
     """A process that leases units (a Ray actor, a bench worker), with its liveness."""
 
@@ -98,3 +114,18 @@ class Worker(Base):
     model: Mapped[str | None] = mapped_column(String(256), nullable=True)
     started_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, nullable=False)
+
+
+def in_sweep(sweep_id: Any) -> Any:
+    """The condition "this unit belongs to sweep_id": planned by it, or shared with it.
+
+    Every query over a sweep's units uses it, so a unit shared by two sweeps is counted,
+    leased, verified and read by both, and stored once.
+    """
+    return or_(Unit.__table__.c.sweep_id == sweep_id, Unit.__table__.c.id.in_(member_ids(sweep_id)))
+
+
+def member_ids(sweep_id: Any) -> Any:
+    """Subquery: ids of the units shared with sweep_id (planned by another sweep)."""
+    members = SweepMember.__table__.c
+    return select(members.unit_id).where(members.sweep_id == sweep_id).scalar_subquery()

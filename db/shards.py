@@ -228,6 +228,17 @@ class _VerifiedCache:
 
 def _stat(path: str) -> tuple[int, int] | None:
     """(size, mtime_ns) of a shard, local or in an object store; None when it is missing."""
+    if "://" in path:
+        import pyarrow.fs as pafs
+
+        try:
+            fs, inner = pafs.FileSystem.from_uri(path)
+            found = fs.get_file_info(inner)
+        except (OSError, ValueError) as exc:
+            raise UnisweepError(f"{path}: cannot reach the shard ({str(exc).splitlines()[0]})") from None
+        if found.type == pafs.FileType.NotFound:
+            return None
+        return int(found.size or 0), int(found.mtime_ns or 0)
     try:
         st = os.stat(path)
     except FileNotFoundError:

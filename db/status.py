@@ -5,13 +5,14 @@ Aggregates only (GROUP BY, MIN/MAX): cheap on a sweep of any size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import func, select
 
 from db.leasing import utcnow
-from db.models import Unit
+from db.models import Unit, in_sweep
 from db.sweeps import SweepStore
 
 RATE_WINDOW_S = 300.0  # cells/s is measured over the units finished in the last 5 minutes
@@ -44,6 +45,17 @@ class SweepStatus:
 class StatusStore(SweepStore):
     """The status() read-out of a sweep."""
 
+    def cells_done_by(self, sweep: int | str, worker_ids: Sequence[str]) -> int:
+        """Cells of the sweep's done units that these workers completed (one driver's share)."""
+        sid = self._sweep_id(sweep)
+        if not worker_ids:
+            return 0
+        with self._session() as s:
+            return int(s.execute(
+                select(func.coalesce(func.sum(Unit.n_cells), 0))
+                .where(in_sweep(sid), Unit.status == "done", Unit.lease_owner.in_(list(worker_ids)))
+            ).scalar_one())
+
     def status(self, sweep: int | str, window_s: float = RATE_WINDOW_S) -> SweepStatus:
         """Counts by status, cells done, cells/s, ETA, failures. cells/s: the cells of the units
         finished in the last `window_s` over their compute window (first start to last
@@ -54,27 +66,27 @@ class StatusStore(SweepStore):
             by_status = s.execute(
                 select(Unit.status, func.count(), func.coalesce(func.sum(Unit.n_cells), 0),
                        func.coalesce(func.sum(Unit.compute_s), 0.0))
-                .where(Unit.sweep_id == info.id)
+                .where(in_sweep(info.id))
                 .group_by(Unit.status)
             ).all()
             expired = s.execute(
                 select(func.count()).where(
-                    Unit.sweep_id == info.id, Unit.status == "leased", Unit.lease_expires < now
+                    in_sweep(info.id), Unit.status == "leased", Unit.lease_expires < now
                 )
             ).scalar_one()
             since = now - timedelta(seconds=window_s)
             recent = s.execute(
                 select(func.coalesce(func.sum(Unit.n_cells), 0), func.min(Unit.started_at),
                        func.max(Unit.finished_at))
-                .where(Unit.sweep_id == info.id, Unit.status == "done", Unit.finished_at >= since)
+                .where(in_sweep(info.id), Unit.status == "done", Unit.finished_at >= since)
             ).one()
             overall = s.execute(
                 select(func.min(Unit.started_at), func.max(Unit.finished_at))
-                .where(Unit.sweep_id == info.id, Unit.status == "done")
+                .where(in_sweep(info.id), Unit.status == "done")
             ).one()
             failed = s.execute(
                 select(Unit.key, Unit.attempts, Unit.error)
-                .where(Unit.sweep_id == info.id, Unit.status == "failed")
+                .where(in_sweep(info.id), Unit.status == "failed")
                 .order_by(Unit.id)
             ).all()
         counts = {k: 0 for k in ("pending", "leased", "done", "failed")}

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from db.leasing import utcnow
-from db.models import SWEEP_STATUSES, Sweep, Unit, Worker
+from db.models import SWEEP_STATUSES, Sweep, SweepMember, Unit, Worker, in_sweep
 from db.shards import ShardInfo, check_key, check_name
 from db.store_core import StoreCore, logger
 from db.urls import mask_url
@@ -131,7 +131,8 @@ class SweepStore(StoreCore):
     # ---- units --------------------------------------------------------------------------
 
     def add_units(self, sweep: int | str, units: Iterable[UnitSpec]) -> int:
-        """Insert units, ignoring keys already present (any sweep); returns how many were new."""
+        """Insert units; a key another sweep has becomes shared with this one. Returns how many
+        units are new to this sweep."""
         sid = self._sweep_id(sweep)
         rows = []
         for i, u in enumerate(units):
@@ -152,10 +153,20 @@ class SweepStore(StoreCore):
         # executemany: SQLAlchemy batches it into multi-row INSERTs ("insertmanyvalues");
         # RETURNING counts the rows really added (rowcount is unreliable for this on psycopg).
         stmt = insert(Unit).on_conflict_do_nothing(index_elements=["key"]).returning(Unit.id)
+        # A key another sweep planned already: the same cells, so the same unit, shared
+        # (computed once, seen by both) through a sweep_members row.
+        member = insert(SweepMember).on_conflict_do_nothing(index_elements=["sweep_id", "unit_id"])
         added = 0
         with self._session() as s:
             for start in range(0, len(rows), _INSERT_CHUNK):
-                added += len(s.execute(stmt, rows[start : start + _INSERT_CHUNK]).all())
+                chunk = rows[start : start + _INSERT_CHUNK]
+                added += len(s.execute(stmt, chunk).all())
+                foreign = s.execute(
+                    select(Unit.id).where(Unit.key.in_([r["key"] for r in chunk]), Unit.sweep_id != sid)
+                ).scalars().all()
+                if foreign:
+                    added += len(s.execute(member.returning(SweepMember.unit_id),
+                                           [{"sweep_id": sid, "unit_id": i} for i in foreign]).all())
         return added
     def unit(self, key: str) -> dict[str, Any] | None:
         """Every column of one unit, or None if the key is unknown (for tests and debugging)."""
@@ -197,7 +208,7 @@ class SweepStore(StoreCore):
         with self._session() as s:
             rows = s.execute(
                 select(Unit.result_path, Unit.result_rows, Unit.result_bytes, Unit.result_sha256)
-                .where(Unit.sweep_id == sid, Unit.status == "done")
+                .where(in_sweep(sid), Unit.status == "done")
                 .order_by(Unit.id)
             ).all()
         return [ShardInfo(r[0], r[1], r[2], r[3]) for r in rows]
@@ -213,9 +224,13 @@ class SweepStore(StoreCore):
             return pa.Table.from_pylist(rows, schema=SWEEPS_ARROW)
         if name != "units":
             raise InvalidInput("name", "units | sweeps", name)
-        stmt = select(Unit, Sweep.name).join(Sweep, Sweep.id == Unit.sweep_id).order_by(Unit.id)
-        if sweep is not None:
-            stmt = stmt.where(Unit.sweep_id == self._sweep_id(sweep))
+        if sweep is None:
+            # One row per (sweep, unit): a unit shared by two sweeps is listed under each.
+            parts = [self.table_arrow("units", info.id) for info in self.list_sweeps()]
+            return pa.concat_tables(parts) if parts else UNITS_ARROW.empty_table()
+        sid = self._sweep_id(sweep)
+        name_of = select(Sweep.name).where(Sweep.id == sid).scalar_subquery()
+        stmt = select(Unit, name_of).where(in_sweep(sid)).order_by(Unit.id)
         with self._session() as s:
             rows = [
                 {"unit_key": u.key, "sweep": sweep_name, "group": u.group,

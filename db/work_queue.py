@@ -16,7 +16,7 @@ from sqlalchemy import exists, func, select
 
 from db import leasing
 from db.leasing import CompleteOutcome, FailOutcome, LeasedUnit
-from db.models import Unit
+from db.models import Unit, in_sweep, member_ids
 from db.shards import ShardInfo
 from db.sweeps import SweepStore
 from tasks.errors import InvalidInput
@@ -67,11 +67,24 @@ class QueueStore(SweepStore):
             )
         )
 
-    def fail(self, key: str, worker_id: str, error: str, max_attempts: int = 3) -> FailOutcome:
-        """Record a failed attempt: "retry" (pending again) or "failed" once attempts reach max."""
+    def fail(self, key: str, worker_id: str, error: str, max_attempts: int = 3,
+             environment: bool = False) -> FailOutcome:
+        """Record a failed attempt: "retry" (pending again) or "failed" once attempts reach max.
+
+        environment=True (disk full, read-only, connection lost): pending again, attempt not used.
+        """
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise InvalidInput("max_attempts", "an integer >= 1", max_attempts)
-        return self._hot(lambda s: leasing.fail(s, key, worker_id, str(error)[:20_000], max_attempts))
+        return self._hot(lambda s: leasing.fail(s, key, worker_id, str(error)[:20_000], max_attempts,
+                                                environment))
+
+    def requeue(self, sweep: int | str, *, failed: bool = True, keys: Sequence[str] | None = None,
+                done_keys: Sequence[str] = ()) -> int:
+        """Failed units (all, or `keys`) and done units with a bad shard (`done_keys`) back to
+        pending with attempts 0, for `unisweep retry`; returns how many."""
+        sid = self._sweep_id(sweep)
+        with self._session() as s:
+            return leasing.requeue(s, sid, failed=failed, keys=keys, done_keys=done_keys)
 
     def release(self, worker_id: str) -> int:
         """Give back all leases of worker_id (Ctrl-C, clean stop); returns how many."""
@@ -89,7 +102,7 @@ class QueueStore(SweepStore):
         """group -> {"units": open units, "cells": their cells}, for pending and leased units."""
         sid = self._sweep_id(sweep)
         stmt = (select(Unit.group, func.count(), func.coalesce(func.sum(Unit.n_cells), 0))
-                .where(Unit.sweep_id == sid, Unit.status.in_(OPEN_STATUSES))
+                .where(in_sweep(sid), Unit.status.in_(OPEN_STATUSES))
                 .group_by(Unit.group))
         with self._session() as s:
             rows = s.execute(stmt).all()
@@ -102,14 +115,18 @@ class QueueStore(SweepStore):
         """
         sid = self._sweep_id(sweep)
         cond = Unit.group.is_(None) if group is None else Unit.group == group
-        stmt = select(exists().where(Unit.sweep_id == sid, cond, Unit.status.in_(OPEN_STATUSES)))
-        return not self._hot(lambda s: bool(s.execute(stmt).scalar()))
+        own = select(exists().where(Unit.sweep_id == sid, cond, Unit.status.in_(OPEN_STATUSES)))
+        # Units shared from another sweep (same cells) count too; asked only when none of
+        # the sweep's own is open, so the common case stays one index lookup.
+        shared = select(exists().where(Unit.id.in_(member_ids(sid)), cond,
+                                       Unit.status.in_(OPEN_STATUSES)))
+        return not self._hot(lambda s: bool(s.execute(own).scalar()) or bool(s.execute(shared).scalar()))
 
     def leased_by(self, worker_id: str, sweep: int | str | None = None) -> list[str]:
         """Keys of the units worker_id holds a lease on (live or expired), in plan order."""
         stmt = select(Unit.key).where(Unit.lease_owner == worker_id, Unit.status == "leased")
         if sweep is not None:
-            stmt = stmt.where(Unit.sweep_id == self._sweep_id(sweep))
+            stmt = stmt.where(in_sweep(self._sweep_id(sweep)))
         with self._session() as s:
             return list(s.execute(stmt.order_by(Unit.id)).scalars())
 
@@ -117,4 +134,4 @@ class QueueStore(SweepStore):
         """The params of every unit of a sweep, in plan order (the planner subtracts their cells)."""
         sid = self._sweep_id(sweep)
         with self._session() as s:
-            return list(s.execute(select(Unit.params).where(Unit.sweep_id == sid).order_by(Unit.id)).scalars())
+            return list(s.execute(select(Unit.params).where(in_sweep(sid)).order_by(Unit.id)).scalars())

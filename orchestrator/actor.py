@@ -19,10 +19,18 @@ import torch
 
 from db.shards import write_shard
 from db.store import connect
-from tasks.errors import UnisweepError
+from tasks.errors import UnisweepError, is_environment_error
 from tasks.models import load_model
 from tasks.run_unit import run_unit
 from tasks.work import UnitWork
+
+# Consecutive units failed by the machine (disk full, read-only) before a worker gives up.
+ENV_ERRORS_BEFORE_STOP = 3
+ENV_BACKOFF_S = 2.0  # wait after the k-th such failure: ENV_BACKOFF_S * 2**(k-1), at most 30 s
+
+
+class WorkerEnvironmentError(UnisweepError):
+    """A worker stopped because its machine keeps failing units (disk full, no permission)."""
 
 
 def new_worker_id() -> str:
@@ -49,6 +57,7 @@ class UnitRunner:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._hb: threading.Thread | None = None
+        self._env_errors: list[str] = []  # consecutive environment failures (disk full, ...)
 
     # ---- plumbing ----
 
@@ -66,7 +75,10 @@ class UnitRunner:
 
     def _get_store(self) -> Any:
         if self._store is None:
-            self._store = connect(self.db_url)
+            from db.retry import Resilient
+
+            # Every call rides out a database outage (bounded); past it, run() stops.
+            self._store = Resilient(Resilient(None).run(connect, self.db_url))
         return self._store
 
     def _heartbeat_loop(self) -> None:
@@ -116,7 +128,16 @@ class UnitRunner:
             msg = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, UnisweepError):
                 msg += "\n" + "".join(traceback.format_exc(limit=-3))
-            return str(store.fail(unit.key, self.worker_id, msg, self.max_attempts))
+            # A full or read-only disk is the machine's fault: the unit keeps its attempts
+            # and this worker backs off (run()); a NaN or a bad input uses one.
+            environment = is_environment_error(exc)
+            outcome = store.fail(unit.key, self.worker_id, msg, self.max_attempts,
+                                 environment=environment)
+            if environment:
+                self._env_errors.append(msg.splitlines()[0])
+                return "environment"
+            return str(outcome)
+        self._env_errors.clear()
         return str(store.complete(unit.key, self.worker_id, info, time.perf_counter() - t0))
 
     # ---- the loop ----
@@ -126,7 +147,17 @@ class UnitRunner:
 
         Returns counts by outcome. When nothing is leasable but other workers still hold
         leases, it waits: their leases may expire (a dead worker) and come back here.
+        Raises WorkerEnvironmentError (one line, picklable for Ray) when the database stays
+        unreachable past its outage budget or the machine keeps failing units.
         """
+        from db.session import DatabaseError
+
+        try:
+            return self._run(max_units)
+        except DatabaseError as exc:
+            raise WorkerEnvironmentError(str(exc)) from None
+
+    def _run(self, max_units: int | None = None) -> dict[str, Any]:
         self._stop.clear()
         if self._hb is None or not self._hb.is_alive():
             self._hb = threading.Thread(target=self._heartbeat_loop, daemon=True)
@@ -149,6 +180,14 @@ class UnitRunner:
                 self._current = []
             counts["units"] += 1
             counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome == "environment":
+                if len(self._env_errors) >= ENV_ERRORS_BEFORE_STOP:
+                    # The same machine problem every time: stop and say it, leaving the
+                    # units pending with their attempts for `unisweep resume` once fixed.
+                    raise WorkerEnvironmentError(
+                        f"{len(self._env_errors)} units in a row failed on this machine: "
+                        f"{self._env_errors[-1]}")
+                self._stop.wait(min(30.0, ENV_BACKOFF_S * 2 ** (len(self._env_errors) - 1)))
         return counts
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from orchestrator.actor import make_actor_class
 from orchestrator.placement import ActorPlan, actor_plan
@@ -25,6 +25,7 @@ from orchestrator.progress import SweepProgress, is_main_thread, raise_interrupt
 from orchestrator.ray_session import PROJECT_ROOT, SHIP_EXCLUDES, check_address, init_ray
 from orchestrator.spec import SweepSpec
 from orchestrator.submit import check_output_dir, load_sweep_spec, submit
+from tasks.errors import UnisweepError
 
 # Re-exported: callers import these from here (the driver's public face).
 __all__ = ["PROJECT_ROOT", "SHIP_EXCLUDES", "ActorPlan", "Driver", "RunSummary", "actor_plan",
@@ -66,7 +67,12 @@ class Driver:
                  address: str | None = None, ship: bool = True, actors: int | None = None,
                  progress: bool = True, poll_s: float = 0.5,
                  max_actor_deaths: int = 5, on_progress: Callable[[Any], None] | None = None) -> None:
+        from db.retry import Resilient
+
+        # Every database call rides out an outage (bounded); past it, DatabaseUnavailable.
+        store = store if isinstance(store, Resilient) else Resilient(store)
         self.store, self.sweep, self.spec, self.db_url = store, sweep, spec, db_url
+        self.worker_ids: set[str] = set()  # every worker this driver started (item: own counts)
         self.address = address
         self.ship = ship
         self.actors_override = actors
@@ -92,6 +98,7 @@ class Driver:
             threads=ap.threads) for g in groups]
         ids = ray.get([a.get_worker_id.remote() for a in actors], timeout=600)
         slots = [_Slot(a, g, w) for a, g, w in zip(actors, groups, ids, strict=True)]
+        self.worker_ids.update(ids)
         for slot in slots:
             slot.ref = slot.actor.run.remote()
         return slots
@@ -119,7 +126,6 @@ class Driver:
 
     def run(self) -> RunSummary:
         t0 = time.perf_counter()
-        start_status = self.store.status(self.sweep)
         open_groups = self.store.open_by_group(self.sweep)
         interrupted = False
         progress = SweepProgress(self.store, self.sweep, enabled=self.progress)
@@ -145,6 +151,12 @@ class Driver:
         except KeyboardInterrupt:
             interrupted = True
             self._stop_all()
+        except UnisweepError:
+            # The database stayed down past its budget, or a worker's machine keeps failing
+            # (disk full): stop the actors without touching the database; their leases expire.
+            self._stop_all(release=False)
+            progress.enabled = False
+            raise
         finally:
             if is_main_thread():
                 signal.signal(signal.SIGTERM, old_handler)
@@ -156,9 +168,10 @@ class Driver:
         else:
             final = "stopped"
         self.store.set_sweep_status(self.sweep, final)
+        # What this driver's workers did: another driver on the same sweep counts its own.
+        mine = self.store.cells_done_by(self.sweep, sorted(self.worker_ids)) if self.worker_ids else 0
         return RunSummary(self.sweep, st.counts, st.cells_done, st.cells_total,
-                          st.cells_done - start_status.cells_done, time.perf_counter() - t0,
-                          self.deaths, interrupted, st.failed)
+                          mine, time.perf_counter() - t0, self.deaths, interrupted, st.failed)
 
     def _watch(self, ap: ActorPlan, cls: Any, progress: SweepProgress) -> None:
         last_reclaim = 0.0
@@ -176,6 +189,13 @@ class Driver:
                     g = self._pick_group(self.store.open_by_group(self.sweep))
                     if g is not None:
                         self.slots.append(self._start_actor(g, ap, cls))
+                except RayTaskError as exc:
+                    # run() raised: a machine problem the worker could not ride out.
+                    cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
+                    if isinstance(cause, UnisweepError):
+                        raise UnisweepError(f"worker {slot.worker_id}: "
+                                            f"{str(cause).strip().splitlines()[-1]}") from None
+                    raise
                 except RayActorError as exc:
                     self.deaths += 1
                     slot.deaths += 1
@@ -205,6 +225,7 @@ class Driver:
         while not isinstance(exc, ActorDiedError):
             try:
                 slot.worker_id = ray.get(slot.actor.get_worker_id.remote(), timeout=60)
+                self.worker_ids.add(slot.worker_id)
                 slot.ref = slot.actor.run.remote()
                 return
             except ActorUnavailableError as again:  # still restarting
@@ -222,8 +243,9 @@ class Driver:
         fresh.deaths = slot.deaths
         self.slots.append(fresh)
 
-    def _stop_all(self, grace_s: float = 3.0) -> None:
-        """Ctrl-C: stop after the unit in flight if quick, else kill; release every lease."""
+    def _stop_all(self, grace_s: float = 3.0, release: bool = True) -> None:
+        """Ctrl-C: stop after the unit in flight if quick, else kill; release every lease
+        (release=False when the database is the problem: the leases expire instead)."""
         for s in self.slots:
             try:
                 s.actor.stop.remote()
@@ -240,5 +262,6 @@ class Driver:
                 ray.kill(s.actor, no_restart=True)
             except Exception:  # noqa: BLE001
                 pass
-            self.store.release(s.worker_id)
+            if release:
+                self.store.release(s.worker_id)
         self.slots.clear()

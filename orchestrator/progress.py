@@ -27,6 +27,7 @@ class SweepProgress:
 
     def __init__(self, store: Any, sweep: str, enabled: bool) -> None:
         self.store, self.sweep = store, sweep
+        self.enabled = True
         start = store.status(sweep)
         self.start_cells = start.cells_done
         self.t0 = time.perf_counter()
@@ -59,7 +60,8 @@ class SweepProgress:
 
     def close(self) -> None:
         if self.bar is not None:
-            self.update(force=True)
+            if self.enabled:  # off after a database outage: no last read
+                self.update(force=True)
             self.bar.stop()
 
 

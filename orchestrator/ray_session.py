@@ -10,6 +10,7 @@ import os
 import socket
 import warnings
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from tasks.errors import InvalidInput, UnisweepError
@@ -18,6 +19,7 @@ PROJECT_ROOT = Path(__file__).absolute().parents[1]  # not resolve(): keep a sym
 # Never shipped to a cluster: environments, results, caches.
 SHIP_EXCLUDES = [".venv", ".git", "runs", "unisweep-out", "**/__pycache__", "*.parquet", "*.db",
                  ".pytest_cache", ".ruff_cache"]
+_WATCHDOG: Any = None  # the local Ray session's watchdog process (kept referenced)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship: bool = True) -> None:
@@ -33,6 +35,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship: b
             os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), pp) if p)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
+        # A SIGKILLed driver would leave Ray's agents alive for a minute (ray_watchdog).
+        global _WATCHDOG
+        from orchestrator.ray_watchdog import start_watchdog
+
+        _WATCHDOG = start_watchdog()
         return
     runtime_env = {"working_dir": str(PROJECT_ROOT), "excludes": SHIP_EXCLUDES} if ship else None
     check_address(address)

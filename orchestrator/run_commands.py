@@ -113,9 +113,62 @@ def register(app: typer.Typer) -> None:
 
         store = connect(db, output_dir=out, create=False)
         sweep_spec = load_sweep_spec(store, sweep)
+        _requeue_lost_shards(store, sweep, checksum=False)
         summary = Driver(store, sweep, sweep_spec, _store_url(store),
                          address=address, ship=ship, actors=actors, progress=progress).run()
         _finish(summary, db_flags(db, out))
+
+    @app.command("retry")
+    def retry_cmd(
+        sweep: str = typer.Argument(..., help="Sweep name"),
+        failed: bool = typer.Option(False, "--failed", help="Requeue every failed unit"),
+        unit: list[str] = typer.Option(None, "--unit", help="Requeue this failed unit (repeatable)"),
+        bad_shards: bool = typer.Option(False, "--bad-shards", help="Recompute done units whose shard is missing or changed (reads every shard)"),
+        no_run: bool = typer.Option(False, "--no-run", help="Only requeue; run later with `resume`"),
+        address: str | None = typer.Option(None, "--address", help=_ADDRESS_HELP),
+        db: str | None = typer.Option(None, "--db", help=_DB_HELP),
+        out: Path | None = typer.Option(None, "--out", help="Output folder holding unisweep.db (SQLite default)"),
+        actors: int | None = typer.Option(None, "--actors", min=1, help="Cap the number of actors"),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar"),
+        ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
+    ) -> None:
+        """Give failed units (or units whose shard went bad) a fresh start, then run them."""
+        from db.store import connect
+        from orchestrator.driver import Driver, load_sweep_spec
+        from tasks.errors import InvalidInput
+
+        if not (failed or unit or bad_shards):
+            raise InvalidInput("retry", "--failed, --unit KEY or --bad-shards", None)
+        store = connect(db, output_dir=out, create=False)
+        sweep_spec = load_sweep_spec(store, sweep)
+        if unit:
+            known = {f.key for f in store.status(sweep).failed}
+            missing = [k for k in unit if k not in known]
+            if missing:
+                raise InvalidInput("--unit", "keys of failed units of this sweep (see "
+                                   "`unisweep status`)", missing[0])
+        n = store.requeue(sweep, failed=failed, keys=list(unit) if unit else None) if (failed or unit) else 0
+        n += _requeue_lost_shards(store, sweep, checksum=True) if bad_shards else 0
+        console.print(f"sweep [bold]{sweep}[/]: {n} units requeued with fresh attempts",
+                      highlight=False)
+        if no_run:
+            return
+        summary = Driver(store, sweep, sweep_spec, _store_url(store),
+                         address=address, ship=ship, actors=actors, progress=progress).run()
+        _finish(summary)
+
+
+def _requeue_lost_shards(store: object, sweep: str, *, checksum: bool) -> int:
+    """Done units whose shard is missing (or, with checksum, changed) go back to pending."""
+    problems = (store.verify(sweep).problems if checksum  # type: ignore[attr-defined]
+                else store.lost_shards(sweep))  # type: ignore[attr-defined]
+    bad = [p.key for p in problems]
+    if not bad:
+        return 0
+    n = store.requeue(sweep, failed=False, done_keys=bad)  # type: ignore[attr-defined]
+    console.print(f"{n} done units had a missing or changed shard: recomputing them",
+                  highlight=False)
+    return n
 
 
 def _store_url(store: object) -> str:

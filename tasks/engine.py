@@ -10,22 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import DynamicCache
 
+from tasks.batching import KL_TEMPORARIES, LOGIT_BUDGET, plan_passes, rows_per_pass
 from tasks.kl import kl_from_logit_change
 from tasks.model_handle import LoadedModel
 from tasks.prompts import Prompt
 from tasks.tabulate import concat_tables, responses_to_table
 from tasks.validation import check_grid
-
-# Rows per forward pass on the CPU; callers (the GPU path) pass a larger max_rows.
-DEFAULT_MAX_ROWS = 48
-# Bytes of float logits materialised at once for the KL (vocab x positions x rows).
-LOGIT_BUDGET = 64 << 20
 
 
 @dataclass
@@ -109,8 +105,9 @@ class _PassPlan:
     start: int  # first position computed (j with prefix reuse, 0 without)
     first_block: int  # first block run (lp with prefix reuse, 0 without)
     groups: int  # G prompts in the batch
-    rows_per_group: int  # 1 baseline + C cells (finite); D directions (linear)
+    rows_per_group: int  # 1 baseline + J x C cells (finite); J x D directions (linear)
     linear: bool
+    kl_bytes: int = LOGIT_BUDGET  # what the KL's temporaries may take at once
 
 
 class _Recorder:
@@ -194,7 +191,7 @@ def _kl_rows(lm: LoadedModel, normed: torch.Tensor, plan: _PassPlan,
     for g in range(G):
         rows = normed[g * R:(g + 1) * R]
         s, vocab = rows.shape[1], model.config.vocab_size
-        chunk = max(1, LOGIT_BUDGET // max(1, s * vocab * 4 * (3 if plan.linear else 2)))
+        chunk = max(1, plan.kl_bytes // max(1, s * vocab * rdtype.itemsize * KL_TEMPORARIES))
         if plan.linear:
             # KL(softmax(z + e dz) || softmax(z)) = e^2/2 Var_p(dz) + O(e^3).
             parts = []
@@ -217,6 +214,14 @@ def _kl_rows(lm: LoadedModel, normed: torch.Tensor, plan: _PassPlan,
     return torch.stack(out)
 
 
+def _rows_of(t: torch.Tensor, prompt_rows: torch.Tensor) -> torch.Tensor:
+    """t[prompt_rows]; for one prompt a broadcast view, so that the cached prefix of blocks a
+    pass skips costs no memory (the blocks it runs concatenate their own copy)."""
+    if t.shape[0] == 1:
+        return t.expand(len(prompt_rows), *t.shape[1:])
+    return t[prompt_rows]
+
+
 def _suffix_pass(lm: LoadedModel, clean: CleanState, prompt_rows: torch.Tensor, plan: _PassPlan,
                  inject, rdtype: torch.dtype, kl: bool) -> _Recorder:
     """Run blocks first_block..L-1 on positions start..n-1 for B = G x rows batch rows."""
@@ -226,7 +231,7 @@ def _suffix_pass(lm: LoadedModel, clean: CleanState, prompt_rows: torch.Tensor, 
     past = None
     if start > 0:
         past = DynamicCache(ddp_cache_data=[
-            (k[prompt_rows, :, :start], v[prompt_rows, :, :start])
+            (_rows_of(k[:, :, :start], prompt_rows), _rows_of(v[:, :, :start], prompt_rows))
             for k, v in zip(clean.keys, clean.values)])
     positions = torch.arange(start, clean.input_ids.shape[1], device=ids.device).unsqueeze(0)
     rec = _Recorder(plan, rdtype)
@@ -268,56 +273,84 @@ def _perturbation(clean_lp: torch.Tensor, j: int, eps: torch.Tensor, dirs: torch
     return norm[:, None, None] * cells.reshape(-1, cells.shape[-1])[None]
 
 
-@torch.no_grad()
-def perturb_group(lm: LoadedModel, clean: CleanState, lp: int, j: int,
-                  eps: torch.Tensor, dirs: torch.Tensor, reuse_prefix: bool = True,
-                  kl: bool = True) -> Responses:
-    """Finite-eps responses of every (eps, direction) cell for all prompts of `clean`.
+def _sites_start(lm: LoadedModel, clean: CleanState, js: Sequence[int], reuse_prefix: bool) -> int:
+    """First position of a pass that perturbs every j of `js`: the smallest j's start."""
+    return suffix_start(min(js), clean.input_ids.shape[1], lm.dtype) if reuse_prefix else 0
 
-    With reuse_prefix=False every pass starts at block 0 and position 0 (the ablation the
-    benchmark compares against, and the layout the causality test reads).
+
+@torch.no_grad()
+def perturb_sites(lm: LoadedModel, clean: CleanState, lp: int, js: Sequence[int],
+                  eps: torch.Tensor, dirs: torch.Tensor, reuse_prefix: bool = True,
+                  kl: bool = True, kl_bytes: int = LOGIT_BUDGET) -> list[Responses]:
+    """Finite-eps responses of every (eps, direction) cell at every position of `js`, for all
+    prompts of `clean`, in one pass; one Responses per j.
+
+    Rows per prompt: one baseline (no perturbation), then the C cells of js[0], of js[1], ...
+    The pass starts at the smallest j (its clean positions before each larger j are computed
+    in every row alike), so one baseline serves every site on the same kernel path. With
+    reuse_prefix=False the pass starts at block 0 and position 0 (the ablation the benchmark
+    compares against, and the layout the causality test reads).
     """
     rdtype = result_dtype(lm)
-    G = clean.input_ids.shape[0]
-    delta = _perturbation(clean.resid[lp], j, eps, dirs, rdtype)  # [G, C, d]
-    C = delta.shape[1]
-    start = suffix_start(j, clean.input_ids.shape[1], lm.dtype) if reuse_prefix else 0
-    plan = _PassPlan(lp, start, lp if reuse_prefix else 0, G, 1 + C, linear=False)
+    G, J = clean.input_ids.shape[0], len(js)
+    deltas = [_perturbation(clean.resid[lp], j, eps, dirs, rdtype) for j in js]  # J x [G, C, d]
+    C = deltas[0].shape[1]
+    start = _sites_start(lm, clean, js, reuse_prefix)
+    plan = _PassPlan(lp, start, lp if reuse_prefix else 0, G, 1 + J * C, False, kl_bytes)
     x_lp = clean.resid[lp][:, start:]  # [G, s, d]
 
     def inject(incoming: torch.Tensor) -> torch.Tensor:
-        # Rows: per prompt one baseline (no perturbation) then the C cells.
-        base = x_lp if reuse_prefix else incoming.unflatten(0, (G, 1 + C))[:, 0]
-        h = base[:, None].expand(G, 1 + C, *base.shape[1:]).clone()
-        h[:, 1:, j - start] = (h[:, 1:, j - start].to(rdtype) + delta).to(h.dtype)
+        base = x_lp if reuse_prefix else incoming.unflatten(0, (G, plan.rows_per_group))[:, 0]
+        h = base[:, None].expand(G, plan.rows_per_group, *base.shape[1:]).clone()
+        cells = h[:, 1:].unflatten(1, (J, C))  # a view: [G, J, C, s, d]
+        for k, j in enumerate(js):
+            cells[:, k, :, j - start] = (cells[:, k, :, j - start].to(rdtype)
+                                         + deltas[k]).to(h.dtype)
         return h.flatten(0, 1)
 
-    rows = torch.arange(G, device=clean.input_ids.device).repeat_interleave(1 + C)
+    rows = torch.arange(G, device=clean.input_ids.device).repeat_interleave(plan.rows_per_group)
     rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl)
-    return _collect(lm, rec, plan, j, G, C, kl)
+    return _collect(lm, rec, plan, js, C, kl)
+
+
+def perturb_group(lm: LoadedModel, clean: CleanState, lp: int, j: int,
+                  eps: torch.Tensor, dirs: torch.Tensor, reuse_prefix: bool = True,
+                  kl: bool = True) -> Responses:
+    """Finite-eps responses of every (eps, direction) cell at position j: perturb_sites of one j."""
+    return perturb_sites(lm, clean, lp, [j], eps, dirs, reuse_prefix, kl)[0]
+
+
+def linear_sites(lm: LoadedModel, clean: CleanState, lp: int, js: Sequence[int],
+                 dirs: torch.Tensor, reuse_prefix: bool = True, kl: bool = True,
+                 kl_bytes: int = LOGIT_BUDGET) -> list[Responses]:
+    """The exact eps -> 0 response J(||x_lp(j)|| u) by forward-mode autodiff, for every
+    direction and every j of `js` in one pass (rows: the D directions of js[0], of js[1], ...)."""
+    rdtype = result_dtype(lm)
+    G, D, J = clean.input_ids.shape[0], dirs.shape[0], len(js)
+    ones = torch.ones(1, dtype=rdtype)
+    tangents = [_perturbation(clean.resid[lp], j, ones, dirs, rdtype) for j in js]
+    start = _sites_start(lm, clean, js, reuse_prefix)
+    plan = _PassPlan(lp, start, lp if reuse_prefix else 0, G, J * D, True, kl_bytes)
+    x_lp = clean.resid[lp][:, start:]
+
+    def inject(incoming: torch.Tensor) -> torch.Tensor:
+        base = x_lp if reuse_prefix else incoming.unflatten(0, (G, J * D))[:, 0]
+        primal = base[:, None].expand(G, J * D, *base.shape[1:]).contiguous()
+        tangent = torch.zeros_like(primal)
+        for k, j in enumerate(js):
+            tangent[:, k * D:(k + 1) * D, j - start] = tangents[k].to(primal.dtype)
+        return fwAD.make_dual(primal.flatten(0, 1), tangent.flatten(0, 1))
+
+    rows = torch.arange(G, device=clean.input_ids.device).repeat_interleave(J * D)
+    with torch.no_grad(), _forward_ad_attention(lm), fwAD.dual_level():
+        rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl)
+    return _collect(lm, rec, plan, js, D, kl)
 
 
 def linear_group(lm: LoadedModel, clean: CleanState, lp: int, j: int, dirs: torch.Tensor,
                  reuse_prefix: bool = True, kl: bool = True) -> Responses:
-    """The exact eps -> 0 response J(||x_lp(j)|| u) by forward-mode autodiff, one pass."""
-    rdtype = result_dtype(lm)
-    G, D = clean.input_ids.shape[0], dirs.shape[0]
-    tangent_j = _perturbation(clean.resid[lp], j, torch.ones(1, dtype=rdtype), dirs, rdtype)
-    start = suffix_start(j, clean.input_ids.shape[1], lm.dtype) if reuse_prefix else 0
-    plan = _PassPlan(lp, start, lp if reuse_prefix else 0, G, D, linear=True)
-    x_lp = clean.resid[lp][:, start:]
-
-    def inject(incoming: torch.Tensor) -> torch.Tensor:
-        base = x_lp if reuse_prefix else incoming.unflatten(0, (G, D))[:, 0]
-        primal = base[:, None].expand(G, D, *base.shape[1:]).contiguous()
-        tangent = torch.zeros_like(primal)
-        tangent[:, :, j - start] = tangent_j.to(primal.dtype)
-        return fwAD.make_dual(primal.flatten(0, 1), tangent.flatten(0, 1))
-
-    rows = torch.arange(G, device=clean.input_ids.device).repeat_interleave(D)
-    with torch.no_grad(), _forward_ad_attention(lm), fwAD.dual_level():
-        rec = _suffix_pass(lm, clean, rows, plan, inject, rdtype, kl)
-    return _collect(lm, rec, plan, j, G, D, kl)
+    """The exact eps -> 0 response at position j: linear_sites of one j."""
+    return linear_sites(lm, clean, lp, [j], dirs, reuse_prefix, kl)[0]
 
 
 @contextmanager
@@ -333,39 +366,85 @@ def _forward_ad_attention(lm: LoadedModel):
         yield
 
 
-def _collect(lm, rec: _Recorder, plan: _PassPlan, j: int, G: int, C: int, kl: bool) -> Responses:
+def _collect(lm, rec: _Recorder, plan: _PassPlan, js: Sequence[int], C: int,
+             kl: bool) -> list[Responses]:
+    """Split a pass's norms into one Responses per perturbed position (C cells each)."""
     L = lm.n_layers
     levels = range(plan.first_block, L + 1)
-    r = torch.stack([rec.resid[lvl] for lvl in levels], dim=2)  # [G, C, levels, s]
+    r = torch.stack([rec.resid[lvl] for lvl in levels], dim=2)  # [G, J*C, levels, s]
     r_attn = torch.stack([rec.attn[lvl] for lvl in levels[:-1]], dim=2)
     r_mlp = torch.stack([rec.mlp[lvl] for lvl in levels[:-1]], dim=2)
-    kls = rec.kl if kl else torch.full((G, C, r.shape[-1]), float("nan"), dtype=r.dtype)
-    return Responses(plan.lp, j, plan.first_block, plan.start, r, r_attn, r_mlp, kls)
+    kls = rec.kl if kl else torch.full((*r.shape[:2], r.shape[-1]), float("nan"), dtype=r.dtype)
+    return [Responses(plan.lp, j, plan.first_block, plan.start, r[:, k * C:(k + 1) * C],
+                      r_attn[:, k * C:(k + 1) * C], r_mlp[:, k * C:(k + 1) * C],
+                      kls[:, k * C:(k + 1) * C]) for k, j in enumerate(js)]
 
 
 def compute_responses(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[int],
                       positions: Sequence[int], eps: Sequence[float], directions: torch.Tensor,
                       linear: bool = False, record_layers: Sequence[int] | None = None,
                       record_positions: Sequence[int] | None = None,
-                      max_rows: int = DEFAULT_MAX_ROWS, kl: bool = True):
+                      max_rows: int | None = None, kl: bool = True,
+                      memory_budget: int | None = None, batch_positions: bool = True):
     """Every cell of the grid for these prompts, as a long pyarrow table (tasks.layout).
 
-    Validates all arguments before any compute. Prompts of equal length share passes.
+    Validates all arguments and the memory before any compute. Prompts of equal length share
+    passes; so do positions, where the planner (tasks.batching) finds that it pays.
+    Rows per pass: what memory_budget (bytes a pass may use beyond the weights; default: free
+    device memory, or half the available RAM) allows, at most max_rows if given.
+    batch_positions=False forces one position per pass (the per-position engine).
     """
     grid = check_grid(lm, prompts, lps, positions, eps, directions, record_layers,
-                      record_positions, max_rows)
-    tables = []
+                      record_positions, max_rows, memory_budget)
+    n_max = max(p.n for p in grid.prompts)
+    budget = rows_per_pass(lm, n_max, memory_budget, linear, max_rows)
+    grid.max_rows = budget.rows
+    tables, pending = [], None
     for group in grid.prompt_groups():
         ids = torch.stack([p.input_ids for p in group]).to(lm.device)
+        n = ids.shape[1]
         clean = clean_pass(lm, ids, grid.lps)
+
+        def start_of(j: int, n=n) -> int:
+            return suffix_start(j, n, lm.dtype)
+
         for lp in grid.lps:
-            for j in grid.positions:
-                for e_chunk, d_chunk in grid.cell_chunks(len(group)):
-                    res = perturb_group(lm, clean, lp, j, grid.eps[e_chunk],
-                                        grid.directions[d_chunk], kl=kl)
-                    tables.append(responses_to_table(res, group, grid, e_chunk, d_chunk))
-                if linear:
-                    for d_chunk in grid.direction_chunks(len(group)):
-                        res = linear_group(lm, clean, lp, j, grid.directions[d_chunk], kl=kl)
-                        tables.append(responses_to_table(res, group, grid, None, d_chunk))
+            for spec in plan_passes(grid, len(group), n, start_of, lm.device.type, linear,
+                                    batch_positions):
+                d_sel = grid.directions[spec.d_chunk]
+                if spec.e_chunk is None:
+                    results = linear_sites(lm, clean, lp, spec.js, d_sel, kl=kl,
+                                           kl_bytes=budget.kl_bytes)
+                else:
+                    results = perturb_sites(lm, clean, lp, spec.js, grid.eps[spec.e_chunk],
+                                            d_sel, kl=kl, kl_bytes=budget.kl_bytes)
+                # The previous pass's rows are built while this one's copies travel.
+                if pending is not None:
+                    tables.extend(_tables_of(*pending, grid))
+                pending = (*_to_host(results), group, spec)
+    if pending is not None:
+        tables.extend(_tables_of(*pending, grid))
     return concat_tables(tables)
+
+
+def _to_host(results: list[Responses]) -> tuple[list[Responses], object]:
+    """Start copying a pass's norms to the host without waiting (pinned buffers,
+    non_blocking) on CUDA; the event returned marks their arrival. On the CPU, as they are."""
+    if results[0].r.device.type != "cuda":
+        return results, None
+
+    def pinned(t: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+
+    moved = [replace(r, r=pinned(r.r), r_attn=pinned(r.r_attn), r_mlp=pinned(r.r_mlp),
+                     kl=pinned(r.kl)) for r in results]
+    event = torch.cuda.Event()
+    event.record()
+    return moved, event
+
+
+def _tables_of(results: list[Responses], event, group, spec, grid) -> list:
+    if event is not None:
+        event.synchronize()
+    return [responses_to_table(res, group, grid, spec.e_chunk, spec.d_chunk) for res in results]

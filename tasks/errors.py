@@ -5,6 +5,7 @@ Every package raises these for bad input; the CLI prints them without a tracebac
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 # A value quoted in a message is cut to this many characters: a hostile input (a YAML alias
@@ -42,6 +43,25 @@ def _size_over(value: Any, limit: int) -> bool:
 
 class UnisweepError(Exception):
     """Base of every error the user can cause (bad input, unreachable database, ...)."""
+
+
+# errno values that say the machine is in a bad state (disk full or read-only, no permission,
+# quota, I/O error), not that the unit's input is bad: fixing the machine makes it work.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                errno.EPERM, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
+
+
+def is_environment_error(exc: BaseException) -> bool:
+    """True when `exc` (or what it was raised from) is an OSError of ENVIRONMENT_ERRNOS."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+            return True
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
 
 
 class InvalidInput(UnisweepError, ValueError):

@@ -8,13 +8,9 @@ only after it has matched a 50-digit reference at eps 1e-5..1 on this machine.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
-
-# Environment switch for the fused (compiled) KL: "1" asks for it; the accuracy check decides.
-FUSED_KL_ENV = "UNISWEEP_FUSED_KL"
 
 _fused = None  # the compiled kernel once it has passed the check
 
@@ -155,7 +151,3 @@ def use_fused_kl(enable: bool = True, dtypes=(torch.float32, torch.float64),
         return False
     _fused = kernel
     return True
-
-
-def fused_kl_requested() -> bool:
-    return os.environ.get(FUSED_KL_ENV, "") == "1"

@@ -23,7 +23,7 @@ class Grid:
     directions: torch.Tensor  # float64 [D, d]
     record_layers: frozenset[int] | None
     record_positions: frozenset[int] | None
-    max_rows: int
+    max_rows: int | None  # rows per pass; set from the memory budget before planning
     n_layers: int
 
     def prompt_groups(self) -> Iterator[list]:
@@ -71,7 +71,7 @@ def _int_list(name: str, values, lo: int, hi: int, what: str) -> list[int]:
 
 
 def check_grid(lm, prompts: Sequence, lps, positions, eps, directions, record_layers,
-               record_positions, max_rows: int) -> Grid:
+               record_positions, max_rows: int | None, memory_budget: int | None = None) -> Grid:
     L = lm.n_layers
     if not prompts:
         raise InvalidInput("prompts", "a non-empty list of prompts", prompts)
@@ -102,6 +102,10 @@ def check_grid(lm, prompts: Sequence, lps, positions, eps, directions, record_la
         _int_list("record_layers", record_layers, 0, L, f"levels 0..{L}"))
     rec_i = None if record_positions is None else frozenset(
         _int_list("record_positions", record_positions, 0, n_min - 1, "prompt positions"))
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 2:
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int)
+                                 or max_rows < 2):
         raise InvalidInput("max_rows", "an integer >= 2", max_rows)
+    if memory_budget is not None and (isinstance(memory_budget, bool)
+                                      or not isinstance(memory_budget, int) or memory_budget < 1):
+        raise InvalidInput("memory_budget", "a positive number of bytes", memory_budget)
     return Grid(list(prompts), lps_, pos_, eps_t, dirs, rec_l, rec_i, max_rows, L)

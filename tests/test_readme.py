@@ -21,6 +21,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,9 +133,19 @@ def shape_mismatch(expected: list[str], actual: str) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    """A fresh checkout: the repository's tracked and unignored files, no runs/, no reports."""
-    ws = tmp_path_factory.mktemp("readme") / "unisweep"
+def workspace():
+    """A fresh checkout: the repository's tracked and unignored files, no runs/, no reports.
+
+    Its own temporary folder, not pytest's tmp_path: pytest prunes old basetemp folders when
+    another session starts, which would pull a long README run from under its feet."""
+    root = Path(tempfile.mkdtemp(prefix="unisweep-readme-"))
+    try:
+        yield _copy_checkout(root / "unisweep")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _copy_checkout(ws: Path) -> Path:
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\n")
     for rel in filter(None, files):
