@@ -328,11 +328,15 @@ def engine_positions(ctx: Ctx, v: Variant) -> list[int]:
     return pos[max(0, mid - m // 2):][:m]
 
 
-def time_engine(ctx: Ctx, v: Variant) -> dict:
+def time_engine(ctx: Ctx, v: Variant, per_position: bool = False) -> dict:
+    """The engine on the grid; per_position: one position per pass (no cross-position
+    batching), the engine as it was before passes spanned positions."""
     lps = v.family.lp_list(ctx.lm.n_layers)
     pos = engine_positions(ctx, v)
+    extra = {"batch_positions": False} if per_position else {}
     t0 = time.perf_counter()
-    compute_responses(ctx.lm, [ctx.prompt], lps, pos, eps_values(v.eps), ctx.dirs_all[:v.dirs])
+    compute_responses(ctx.lm, [ctx.prompt], lps, pos, eps_values(v.eps), ctx.dirs_all[:v.dirs],
+                      **extra)
     secs = time.perf_counter() - t0
     cells = len(lps) * len(pos) * v.eps * v.dirs
     return {"cells": cells, "secs": secs, "positions": len(pos)}
@@ -413,6 +417,8 @@ def run_family(ctx: Ctx, fam: Family, variants: list[Variant], reps: int) -> lis
     tasks = [("per_cell", name) for name in PER_CELL if name in ctx.peers]
     for v in variants:
         tasks.append(("engine", v))
+        if ctx.args.per_position:
+            tasks.append(("engine_pp", v))
         if "nnsight_cell" in ctx.peers:
             tasks.append(("nnsight_batched", v))
     per_rep: list[dict] = []
@@ -425,6 +431,8 @@ def run_family(ctx: Ctx, fam: Family, variants: list[Variant], reps: int) -> lis
                 got[what] = time_per_cell(ctx, ctx.peers[what], fam)
             elif kind == "engine":
                 got[("engine", what)] = time_engine(ctx, what)
+            elif kind == "engine_pp":
+                got[("engine_pp", what)] = time_engine(ctx, what, per_position=True)
             else:
                 got[("nnsight_batched", what)] = time_nnsight_batched(ctx, what)
         got["load_end"] = load_avg()
@@ -442,6 +450,9 @@ def run_family(ctx: Ctx, fam: Family, variants: list[Variant], reps: int) -> lis
             eng = got[("engine", v)]
             row["engine_positions"] = eng["positions"]
             r = {"load": got["load"], "engine": eng["cells"] / eng["secs"]}
+            if ("engine_pp", v) in got:
+                pp = got[("engine_pp", v)]
+                r["engine_pp"] = pp["cells"] / pp["secs"]
             for name in PER_CELL:
                 if name in got:
                     r[name] = rate(got[name], grid_cells)
@@ -455,6 +466,10 @@ def run_family(ctx: Ctx, fam: Family, variants: list[Variant], reps: int) -> lis
                 row[f"ratio_{name}_range"] = (min(ratios), max(ratios))
                 row[name] = statistics.median(r[name] for r in row["reps"])
         row["engine"] = statistics.median(r["engine"] for r in row["reps"])
+        if all("engine_pp" in r for r in row["reps"]):
+            row["engine_pp"] = statistics.median(r["engine_pp"] for r in row["reps"])
+            row["batching_gain"] = statistics.median(r["engine"] / r["engine_pp"]
+                                                     for r in row["reps"])
         out.append(row)
     return out
 
@@ -483,12 +498,20 @@ def fmt_row(row: dict) -> str:
     lps = "{" + ", ".join(map(str, row["lps"])) + "}"
     return (f"| {row['T']} | {n_pos}{timed} | {lps} | {row['eps']} | {row['dirs']} | {row['cells']} | "
             f"{row['engine']:.2f} | {ratio('naive')} | {ratio('nnsight_cell')} | "
-            f"{ratio('nnsight_batched')} | {ratio('bridge')} | {row['limit']:.2f}x | {targets(row)} |")
+            f"{ratio('nnsight_batched')} | {ratio('bridge')} | {row['limit']:.2f}x | {targets(row)} | "
+            f"{_gain(row)} |")
+
+
+def _gain(row: dict) -> str:
+    if "batching_gain" not in row:
+        return "-"
+    return f"{row['engine_pp']:.2f}: {row['batching_gain']:.2f}x"
 
 
 HEADER = ("| T | positions | lp set | eps | dirs | cells | engine cells/s | naive: cells/s, "
           "engine/it | nnsight per cell | nnsight batched invokes | TransformerBridge | "
-          "FLOP limit | issue 19 target |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "FLOP limit | issue 19 target | engine, one position per pass: cells/s, engine/it |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:
@@ -505,10 +528,14 @@ def main(argv=None) -> int:
                     help="most cells the engine is timed on per grid (positions cut beyond)")
     ap.add_argument("--peers", default=",".join(("naive", "nnsight", "bridge")),
                     help="comma-separated subset of naive, nnsight, bridge")
+    ap.add_argument("--per-position", action="store_true",
+                    help="also time the engine with one position per pass (batch_positions=False)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default torch's; 1 wastes less on an oversubscribed machine)")
     ap.add_argument("--json", type=Path, help="also write every number here")
     args = ap.parse_args(argv)
-    if args.reps < 1 or args.peer_cells < 1 or args.engine_cells < 1:
-        ap.error("--reps, --peer-cells and --engine-cells must be >= 1")
+    if args.reps < 1 or args.peer_cells < 1 or args.engine_cells < 1 or (args.threads or 1) < 1:
+        ap.error("--reps, --peer-cells, --engine-cells and --threads must be >= 1")
     wanted = set(filter(None, args.peers.split(",")))
     if wanted - {"naive", "nnsight", "bridge"}:
         ap.error(f"--peers: {sorted(wanted - {'naive', 'nnsight', 'bridge'})[0]!r} is not one of "
@@ -521,6 +548,8 @@ def main(argv=None) -> int:
         args.reps, args.peer_cells = 1, 2
 
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*LanguageModel is deprecated.*")
     lm = load_model(args.model, dtype=args.dtype, check=False)
     ctx = Ctx(lm, None, random_directions(lm.d_model, max(axes["dirs"])), ShapeCost.of(lm), args)

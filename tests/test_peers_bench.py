@@ -16,7 +16,8 @@ def _run(tmp_path, peers: str) -> list[dict]:
     from bench.peers import main
 
     out = tmp_path / "peers.json"
-    assert main(["--model", "tiny:llama", "--quick", "--peers", peers, "--json", str(out)]) == 0
+    assert main(["--model", "tiny:llama", "--quick", "--peers", peers, "--per-position",
+                 "--json", str(out)]) == 0
     return json.loads(out.read_text())["rows"]
 
 
@@ -28,6 +29,9 @@ def _check_rows(rows: list[dict], peers: tuple[str, ...]) -> None:
         assert r["cells"] == 4 * r["eps"] and r["engine_positions"] == 4
         assert r["engine"] > 0 and len(r["reps"]) == 1
         (rep,) = r["reps"]
+        # The engine with one position per pass (--per-position), paired the same way.
+        assert rep["engine_pp"] > 0
+        assert r["batching_gain"] == pytest.approx(rep["engine"] / rep["engine_pp"])
         for name in peers:
             assert rep[name] > 0
             assert r[f"ratio_{name}"] == pytest.approx(rep["engine"] / rep[name])
