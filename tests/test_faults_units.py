@@ -127,7 +127,7 @@ def test_environment_errors_keep_attempts_then_retry(db_url: str, tmp_path: Path
     def nan(self, key, params):  # noqa: ANN001, ANN202
         raise NonFiniteResponse("non-finite response (NaN or inf) in r: 3 of 9 rows")
 
-    monkeypatch.setattr(UnitRunner, "compute_unit", nan)
+    monkeypatch.setattr(UnitRunner, "compute_unit_tables", nan)  # what the run loop calls
     runner.run()
     rows = units(store, "envfail")
     assert {r["status"] for r in rows} == {"failed"} and {r["attempts"] for r in rows} == {2}

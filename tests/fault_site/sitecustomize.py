@@ -20,13 +20,14 @@ UNIT_DELAY_ENV = "UNISWEEP_TEST_UNIT_DELAY_S"
 
 
 def _patch(module: Any, delay_s: float) -> None:
-    original = module.UnitRunner.compute_unit
+    # compute_unit_tables is what the worker's run loop calls for every unit.
+    original = module.UnitRunner.compute_unit_tables
 
-    def slow_compute_unit(self: Any, key: str, params: dict[str, Any]) -> Any:
+    def slow_compute_unit_tables(self: Any, key: str, params: dict[str, Any]) -> Any:
         time.sleep(delay_s)
         return original(self, key, params)
 
-    module.UnitRunner.compute_unit = slow_compute_unit
+    module.UnitRunner.compute_unit_tables = slow_compute_unit_tables
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
