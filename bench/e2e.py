@@ -40,7 +40,7 @@ def grid(args: argparse.Namespace, out: Path) -> dict:
     }
 
 
-def engine_only(spec, n_threads: int) -> dict:
+def engine_only(spec, n_threads: int, device: str = "cpu") -> dict:
     """The whole grid in one compute_responses call per prompt id (the engine's best case)."""
     from tasks.directions import random_directions
     from tasks.engine import compute_responses
@@ -50,7 +50,7 @@ def engine_only(spec, n_threads: int) -> dict:
     torch.set_num_threads(n_threads)
     name, dtype = spec.model_dtypes()[0]
     t0 = time.perf_counter()
-    lm = load_model(name, dtype=dtype, device="cpu")
+    lm = load_model(name, dtype=dtype, device=device)
     load_s = time.perf_counter() - t0
     prompts = make_prompts(lm.token_space, T=spec.prompts.T, count=spec.prompts.count,
                            seed=spec.prompts.seed, kinds=tuple(spec.prompts.kinds),

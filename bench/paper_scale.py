@@ -1,5 +1,5 @@
 """Paper-scale benchmark: the engine on the paper's grid for each model shape, beside the naive
-per-cell loop and the peers (nnsight, TransformerLens's TransformerBridge), in one process.
+per-cell loop, in one process (the peers, nnsight and TransformerBridge: bench/peers.py).
 
 Per model and dtype: cells/s, tokens/s, achieved FLOP/s counted from the shape and its fraction
 of the device's peak (dense datasheet peak on CUDA; measured torch.mm on the CPU), peak memory,
@@ -13,7 +13,6 @@ random weights (timings are real, responses are not the real model's).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import platform
 import resource
@@ -23,22 +22,25 @@ from dataclasses import dataclass
 import torch
 
 from tasks.directions import random_directions
-from tasks.engine import compute_responses, suffix_start
+from tasks.engine import compute_responses
 from tasks.models import load_model
 from tasks.prompts import make_prompts
 
 CPU_SHAPES = ["gpt2-small", "gpt2-xl/4", "gemma-2-2b/4", "llama-3.2-3b/4", "smollm2-135m"]
 GPU_SHAPES = ["gemma-2-2b", "llama-3.2-3b", "gpt2-xl", "smollm2-135m"]
-# Dense (no sparsity) datasheet peaks, FLOP/s; float32 is the non-tensor-core rate
-# (torch leaves TF32 off for matmuls by default).
-DENSE_PEAK = {"H100": {torch.bfloat16: 989e12, torch.float32: 67e12},
+# Dense (no sparsity) datasheet peaks, FLOP/s, by a substring of the CUDA device name, most
+# specific first; float32 is the non-tensor-core rate (torch leaves TF32 off for matmuls by
+# default). A device not listed has no peak (None), never a guess.
+DENSE_PEAK = {"H100 PCIe": {torch.bfloat16: 756e12, torch.float32: 51e12},
+              "H100": {torch.bfloat16: 989e12, torch.float32: 67e12},
               "H200": {torch.bfloat16: 989e12, torch.float32: 67e12},
               "A100": {torch.bfloat16: 312e12, torch.float32: 19.5e12}}
 PAIRS_PROJECTED = 8
 
 
 def model_name(short: str) -> str:
-    return short if short in ("smollm2-135m", "gemma3-270m") else f"shape:{short}"
+    """A shape's short name -> shape:<name>; aliases and full names (tiny:llama) unchanged."""
+    return short if short in ("smollm2-135m", "gemma3-270m") or ":" in short else f"shape:{short}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,30 +79,23 @@ class ShapeCost:
         return prompts * self.blocks(0, n, self.n_layers)
 
 
-def grid_passes(grid_rows: int, cells: int, prompts: int, max_rows: int) -> list[tuple[int, int]]:
-    """(prompts per pass, rows per pass) for each pass of one (lp, j), as tasks.validation
-    chunks them: prompt groups of max_rows // (1 + cells), cells chunked to fit."""
-    per_group = max(1, max_rows // (1 + cells))
-    out = []
-    for g0 in range(0, prompts, per_group):
-        g = min(per_group, prompts - g0)
-        budget = max(1, max_rows // g - 1)
-        for c0 in range(0, cells, budget):
-            out.append((g, g * (1 + min(budget, cells - c0))))
-    return out
+def grid_flops(cost: ShapeCost, n: int, lps, positions, cells: int, linear_dirs: int,
+               prompts: int) -> tuple[float, float]:
+    """(FLOPs the grid's cells need, token-rows they need), counted from the shape alone.
 
-
-def engine_flops(cost: ShapeCost, lm, n: int, lps, positions, cells: int, prompts: int,
-                 max_rows: int) -> tuple[float, float]:
-    """(FLOPs the engine runs, token-rows it runs) for the grid."""
+    Per cell: blocks lp..L-1 and the head (the KL) on positions j..n-1; a linear cell counts
+    twice (value and tangent go through every matmul); plus one clean pass per prompt. Not
+    counted: the engine's same-path baseline rows and the clean positions a batched pass
+    recomputes before j. So the rate is a lower bound on what the device executes, and it
+    does not depend on how the engine lays out its passes.
+    """
     flops = cost.clean(n, prompts)
     tokens = float(prompts * n)
+    rows = prompts * (cells + 2 * linear_dirs)
     for lp in lps:
         for j in positions:
-            start = suffix_start(j, n, lm.dtype)
-            for _g, rows in grid_passes(0, cells, prompts, max_rows):
-                flops += cost.suffix_pass(lp, start, n, rows)
-                tokens += rows * (n - start)
+            flops += cost.suffix_pass(lp, j, n, rows)
+            tokens += rows * (n - j)
     return flops, tokens
 
 
@@ -108,9 +103,11 @@ def engine_flops(cost: ShapeCost, lm, n: int, lps, positions, cells: int, prompt
 # Device: peaks and memory.
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, size: int = 2048,
+def matmul_rate(dtype: torch.dtype, device: torch.device, size: int | None = None,
                 repeat: int = 5) -> float:
-    """Best-of-`repeat` FLOP/s of torch.mm (size x size) on this device's threads."""
+    """Best-of-`repeat` FLOP/s of torch.mm (size x size; 2048 on a CPU, 8192 on a GPU, where
+    smaller products do not fill the device) on this device's threads."""
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
@@ -151,7 +148,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine, the naive loop, the peers.
+# The engine and the naive loop.
 
 
 @dataclass
@@ -162,14 +159,16 @@ class Grid:
     eps: list[float]
     dirs: torch.Tensor
     prompts: list
+    linear: bool = False  # also the exact eps -> 0 response, one cell per direction
 
     @property
     def cells(self) -> int:
-        return len(self.prompts) * len(self.lps) * len(self.positions) * len(self.eps) * len(self.dirs)
+        per_pj = (len(self.eps) + int(self.linear)) * len(self.dirs)
+        return len(self.prompts) * len(self.lps) * len(self.positions) * per_pj
 
 
 def paper_grid(lm, T: int, n_positions: int | None, lp_fracs, n_eps: int, n_dirs: int,
-               kinds=("repeat", "control")) -> Grid:
+               kinds=("repeat", "control"), linear: bool = False) -> Grid:
     L = lm.n_layers
     lps = sorted({int(f * L) for f in lp_fracs})
     copy1 = list(range(1, T + 1))
@@ -180,7 +179,7 @@ def paper_grid(lm, T: int, n_positions: int | None, lp_fracs, n_eps: int, n_dirs
                             for k in range(n_positions)})
     eps = [float(x) for x in torch.logspace(-5, 0, n_eps, dtype=torch.float64)]
     prompts = make_prompts(lm.token_space, T=T, count=1, seed=0, kinds=kinds)
-    return Grid(T, lps, positions, eps, random_directions(lm.d_model, n_dirs), prompts)
+    return Grid(T, lps, positions, eps, random_directions(lm.d_model, n_dirs), prompts, linear)
 
 
 def time_engine(lm, g: Grid, max_rows: int, repeat: int) -> float:
@@ -188,7 +187,8 @@ def time_engine(lm, g: Grid, max_rows: int, repeat: int) -> float:
     for _ in range(repeat):
         _sync(lm.device)
         t0 = time.perf_counter()
-        compute_responses(lm, g.prompts, g.lps, g.positions, g.eps, g.dirs, max_rows=max_rows)
+        compute_responses(lm, g.prompts, g.lps, g.positions, g.eps, g.dirs, linear=g.linear,
+                          max_rows=max_rows)
         _sync(lm.device)
         best = min(best, time.perf_counter() - t0)
     return best
@@ -199,124 +199,6 @@ def naive_cells_per_s(lm, g: Grid, max_cells: int) -> float:
 
     secs, cells = time_naive(lm, g.prompts, g.lps, g.positions, g.eps, g.dirs, max_cells)
     return cells / secs
-
-
-def _cell_list(g: Grid, max_cells: int) -> list[tuple]:
-    cells = [(p, lp, j, e, d) for p in g.prompts for lp in g.lps for j in g.positions
-             for e in g.eps for d in range(len(g.dirs))]
-    step = max(1, len(cells) // max_cells)
-    return cells[::step][:max_cells]
-
-
-def _kl(z1: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-    logp, logq = torch.log_softmax(z0.float(), -1), torch.log_softmax(z1.float(), -1)
-    return (logq.exp() * (logq - logp)).sum(-1)
-
-
-def nnsight_rates(lm, g: Grid, max_cells: int) -> tuple[float, float]:
-    """(cells/s one trace per cell, cells/s with the eps of one (lp, j, direction) as invokes
-    of one trace). Each cell saves the residual after every block from lp on and the logits,
-    and reduces them to R per level and position and the KL, as the engine does."""
-    import nnsight
-    from nnsight import LanguageModel
-
-    # A copy: the wrapper must not leave anything on the model the engine runs.
-    nm = LanguageModel(copy.deepcopy(lm.model), tokenizer=lm.tokenizer)
-    layers = nm.model.layers if hasattr(nm, "model") and hasattr(nm.model, "layers") else nm.transformer.h
-    L = lm.n_layers
-    clean = {}
-    for p in g.prompts:
-        with torch.no_grad(), nm.trace(p.input_ids[None].to(lm.device)):
-            ins, outs = nnsight.save([]), nnsight.save([])
-            for lvl in range(L):  # in execution order: nnsight cannot go back
-                ins.append(layers[lvl].input)
-                outs.append(layers[lvl].output)
-            logits = nm.output.logits.save()
-        clean[id(p)] = (ins, outs, logits)
-
-    def reduce(p, lp, rows_out, z1):
-        x0 = torch.stack([o[0] for o in clean[id(p)][1][lp:]])
-        r = (torch.stack([o[0] for o in rows_out]) - x0).norm(dim=-1) / x0.norm(dim=-1)
-        return r, _kl(z1[0], clean[id(p)][2][0])
-
-    one = _cell_list(g, max_cells)
-    t0 = time.perf_counter()
-    for p, lp, j, e, d in one:
-        delta = e * clean[id(p)][0][lp][0, j].norm() * g.dirs[d].to(lm.dtype).to(lm.device)
-        with torch.no_grad(), nm.trace(p.input_ids[None].to(lm.device)):
-            layers[lp].input[:, j] += delta
-            outs = nnsight.save([])
-            for lvl in range(lp, L):
-                outs.append(layers[lvl].output)
-            z1 = nm.output.logits.save()
-        reduce(p, lp, outs, z1)
-    per_cell = len(one) / (time.perf_counter() - t0)
-
-    # Batched: one trace per (prompt, lp, j, direction), the eps as invokes; a subset of them.
-    groups = [(p, lp, j, d) for p in g.prompts for lp in g.lps for j in g.positions
-              for d in range(len(g.dirs))]
-    n_groups = max(1, min(len(groups), max_cells // len(g.eps)))
-    groups = groups[::max(1, len(groups) // n_groups)][:n_groups]
-    t0 = time.perf_counter()
-    for p, lp, j, d in groups:
-        norm = clean[id(p)][0][lp][0, j].norm()
-        u = g.dirs[d].to(lm.dtype).to(lm.device)
-        ids = p.input_ids[None].to(lm.device)
-        with torch.no_grad(), nm.trace() as tracer:
-            res = nnsight.save([])
-            for e in g.eps:
-                with tracer.invoke(ids):
-                    layers[lp].input[:, j] += e * norm * u
-                    row = []
-                    for lvl in range(lp, L):
-                        row.append(layers[lvl].output)
-                    row.append(nm.output.logits)
-                    res.append(row)
-        for row in res:
-            reduce(p, lp, row[:-1], row[-1])
-    batched = len(groups) * len(g.eps) / (time.perf_counter() - t0)
-    return per_cell, batched
-
-
-def bridge_cells_per_s(lm, g: Grid, max_cells: int) -> float:
-    """TransformerLens 4.x TransformerBridge around the same HF model: run_with_hooks per cell,
-    injecting at blocks.lp.hook_resid_pre and reading every hook_resid_post from lp on."""
-    from transformer_lens.model_bridge import TransformerBridge
-
-    # A copy: the bridge swaps the model's blocks for its own wrappers in place.
-    bridge = TransformerBridge.boot_transformers(lm.identity.get("name", "model"),
-                                                 hf_model=copy.deepcopy(lm.model),
-                                                 tokenizer=lm.tokenizer)
-    L = lm.n_layers
-    one = _cell_list(g, max_cells)
-    clean = {}
-    for p in g.prompts:
-        store: dict[int, torch.Tensor] = {}
-        hooks = [(f"blocks.{lvl}.hook_resid_pre", lambda x, hook, lvl=lvl, store=store: store.__setitem__(lvl, x))
-                 for lvl in range(L)]
-        with torch.no_grad():
-            z0 = bridge.run_with_hooks(p.input_ids[None].to(lm.device), fwd_hooks=hooks)
-        clean[id(p)] = (dict(store), z0)
-    t0 = time.perf_counter()
-    for p, lp, j, e, d in one:
-        x0, z0 = clean[id(p)]
-        delta = e * x0[lp][0, j].norm() * g.dirs[d].to(lm.dtype).to(lm.device)
-
-        def inject(x, hook, j=j, delta=delta):
-            x = x.clone()
-            x[:, j] += delta
-            return x
-
-        out: dict[int, torch.Tensor] = {}
-        hooks = [(f"blocks.{lp}.hook_resid_pre", inject)] + [
-            (f"blocks.{lvl}.hook_resid_post", lambda x, hook, lvl=lvl, out=out: out.__setitem__(lvl, x))
-            for lvl in range(lp, L)]
-        with torch.no_grad():
-            z1 = bridge.run_with_hooks(p.input_ids[None].to(lm.device), fwd_hooks=hooks)
-        base = torch.stack([x0[lvl + 1][0] for lvl in range(lp, L - 1)])
-        _ = (torch.stack([out[lvl][0] for lvl in range(lp, L - 1)]) - base).norm(dim=-1)
-        _kl(z1[0], z0[0])
-    return len(one) / (time.perf_counter() - t0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,66 +212,48 @@ def fmt_time(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _rows_per_pass(lm, n: int, linear: bool, max_rows: int | None) -> int:
+    """The engine's rows per pass for this model and length (its memory planner's choice,
+    capped by max_rows), as compute_responses takes it."""
+    from tasks.batching import rows_per_pass
+
+    return rows_per_pass(lm, n, None, linear, max_rows).rows
+
+
 def bench_model(short: str, dtype: str, device: torch.device, args) -> dict:
+    """The engine on the paper grid of one model (args: T, positions, eps_count, directions,
+    max_rows, repeat, naive_cells, linear), with the FLOP rate and the whole grid projected."""
     tdtype = getattr(torch, dtype)
     lm = load_model(model_name(short), dtype=dtype, device=str(device), check=False)
     reset_peak_memory(device)
     g = paper_grid(lm, args.T, args.positions, (0, 0.25, 0.5, 0.75), args.eps_count,
-                   args.directions)
+                   args.directions, linear=getattr(args, "linear", False))
     n = g.prompts[0].n
-    cells_per_pj = len(g.eps) * len(g.dirs)
+    cells_per_pj, linear_dirs = len(g.eps) * len(g.dirs), len(g.dirs) if g.linear else 0
     cost = ShapeCost.of(lm)
     peak_before = matmul_rate(tdtype, device)
     secs = time_engine(lm, g, args.max_rows, args.repeat)
     peak_after = matmul_rate(tdtype, device)
     mm = max(peak_before, peak_after)
-    flops, tokens = engine_flops(cost, lm, n, g.lps, g.positions, cells_per_pj, len(g.prompts),
-                                 args.max_rows)
+    flops, tokens = grid_flops(cost, n, g.lps, g.positions, cells_per_pj, linear_dirs,
+                               len(g.prompts))
     achieved = flops / secs
     datasheet = dense_peak(tdtype, device)
     # The whole paper grid: every position of copy 1, 8 prompt pairs, at the measured rate.
-    full_positions = list(range(1, args.T + 1))
-    full, _ = engine_flops(cost, lm, n, g.lps, full_positions, cells_per_pj,
-                           2 * PAIRS_PROJECTED, args.max_rows)
-    rows = max(r for _, r in grid_passes(0, cells_per_pj, len(g.prompts), args.max_rows))
+    full, _ = grid_flops(cost, n, g.lps, list(range(1, args.T + 1)), cells_per_pj, linear_dirs,
+                         2 * PAIRS_PROJECTED)
     row = dict(model=short, random=short.startswith(("gemma", "llama", "gpt2")), dtype=dtype,
                L=lm.n_layers, n=n, lps=g.lps, positions=len(g.positions), cells=g.cells,
-               secs=secs, cells_s=g.cells / secs, tokens_s=tokens / secs, tflops=achieved / 1e12,
-               mm_tflops=mm / 1e12, frac_mm=achieved / mm,
+               linear=g.linear, secs=secs, cells_s=g.cells / secs, tokens_s=tokens / secs,
+               tflops=achieved / 1e12, mm_tflops=mm / 1e12, frac_mm=achieved / mm,
+               peak_tflops=datasheet / 1e12 if datasheet else None,
                frac_peak=(achieved / datasheet) if datasheet else None,
-               mem_gib=peak_memory_gib(device), rows=rows, projected=full / achieved)
+               mem_gib=peak_memory_gib(device), rows=_rows_per_pass(lm, n, g.linear, args.max_rows),
+               projected=full / achieved)
     if args.naive_cells:
         row["naive_cells_s"] = naive_cells_per_s(lm, g, args.naive_cells)
     del lm
     return row
-
-
-def peers_on(short: str, device: torch.device, args) -> dict:
-    """Engine vs peers on lp in {0, L/3, 2L/3}, the same cells, one process."""
-    lm = load_model(model_name(short), dtype="float32", device=str(device), check=False)
-    g = paper_grid(lm, args.T, args.positions, (0, 1 / 3, 2 / 3), args.eps_count,
-                   args.peer_directions, kinds=("repeat",))
-    out = {"model": short, "lps": g.lps, "positions": g.positions, "cells": g.cells,
-           "engine": g.cells / time_engine(lm, g, args.max_rows, args.repeat)}
-    # FLOP limit of engine / peer: a peer runs the full model (and the head) on all n
-    # positions for each cell; the engine what ShapeCost counts for its passes.
-    cost, n = ShapeCost.of(lm), g.prompts[0].n
-    peer = g.cells * (cost.blocks(0, n, cost.n_layers) + 2.0 * cost.head * n)
-    mine, _ = engine_flops(cost, lm, n, g.lps, g.positions, len(g.eps) * len(g.dirs), 1,
-                           args.max_rows)
-    out["limit"] = peer / mine
-    out["naive"] = naive_cells_per_s(lm, g, args.peer_cells)
-    try:
-        out["nnsight_cell"], out["nnsight_batched"] = nnsight_rates(lm, g, args.peer_cells * 3)
-    except ImportError as exc:
-        out["nnsight_error"] = f"not installed ({exc}); pip install '.[bench]'"
-    try:
-        out["bridge"] = bridge_cells_per_s(lm, g, args.peer_cells)
-    except ImportError as exc:
-        out["bridge_error"] = f"not installed ({exc}); pip install '.[bench]'"
-    # The engine again, after the peers: the machine's load drifts; keep the better.
-    out["engine"] = max(out["engine"], g.cells / time_engine(lm, g, args.max_rows, 1))
-    return out
 
 
 def main() -> None:
@@ -404,13 +268,11 @@ def main() -> None:
                     help="positions of copy 1 timed (evenly spaced); default all on CUDA, 2 on CPU")
     ap.add_argument("--eps-count", type=int, default=11)
     ap.add_argument("--directions", type=int, default=4)
+    ap.add_argument("--linear", action="store_true",
+                    help="also the exact eps -> 0 response (one more cell per direction)")
     ap.add_argument("--max-rows", type=int, default=None)
     ap.add_argument("--repeat", type=int, default=2, help="best-of for the engine timing")
     ap.add_argument("--naive-cells", type=int, default=6)
-    ap.add_argument("--peers", default="smollm2-135m", help="models for the peer table ('' = none)")
-    ap.add_argument("--peer-cells", type=int, default=8)
-    ap.add_argument("--peer-directions", type=int, default=4,
-                    help="directions in the peer grid (nnsight batches the eps of one direction)")
     ap.add_argument("--quick", action="store_true", help="CI size: T=16, 2 positions, best-of-1")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -432,7 +294,8 @@ def main() -> None:
           f"; torch {torch.__version__}, {threads} threads; load average "
           f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"grid: T={args.T} (n={2 * args.T + 1}), lp in {{0, L/4, L/2, 3L/4}}, "
-          f"{args.eps_count} eps in [1e-5, 1] x {args.directions} directions, repeat + control; "
+          f"{args.eps_count} eps in [1e-5, 1]{' + linear' if args.linear else ''} x "
+          f"{args.directions} directions, repeat + control; "
           f"{'all' if not args.positions else args.positions} positions of copy 1 timed; "
           f"max_rows {args.max_rows} (engine default: from the memory budget)")
     if shapes:
@@ -452,26 +315,6 @@ def main() -> None:
               f"(mm {r['mm_tflops']:.3f}) | {peak} | {r['mem_gib']:.1f} | {r['rows']} "
               f"| {naive:.2f} | {r['cells_s'] / naive:.0f}x | {fmt_time(r['projected'])} |",
               flush=True)
-    peers = [p for p in args.peers.split(",") if p]
-    if peers:
-        print(f"\nPeers, same process, lp in {{0, L/3, 2L/3}}, float32, repeat prompt, "
-              f"{args.eps_count} eps x {args.peer_directions} directions (cells/s; ratio = "
-              "engine / peer; FLOP limit = a peer's FLOPs per cell / the engine's):\n")
-        print("| model | positions | engine | FLOP limit | naive loop | nnsight, trace per cell "
-              "| nnsight, eps as invokes | TransformerBridge |")
-        print("|---|---|---|---|---|---|---|---|")
-        for short in peers:
-            p = peers_on(short, device, args)
-            e = p["engine"]
-
-            def cell(key, p=p, e=e):
-                if key not in p:
-                    return p.get(key.split("_")[0] + "_error", "-")
-                return f"{p[key]:.2f} ({e / p[key]:.1f}x)"
-
-            print(f"| {short} | {p['positions']} | {e:.1f} | {p['limit']:.2f}x | {cell('naive')} | "
-                  f"{cell('nnsight_cell')} | {cell('nnsight_batched')} | {cell('bridge')} |",
-                  flush=True)
     print(f"\nload average at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
