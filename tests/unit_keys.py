@@ -60,7 +60,7 @@ def all_names() -> list[str]:
 def gemma3_installed() -> bool:
     import importlib.util
 
-    from tasks.model_catalog import ALIASES
+    from tasks.known_models import ALIASES
 
     return importlib.util.find_spec(ALIASES["gemma3-270m"]["module"]) is not None
 
