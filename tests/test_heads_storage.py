@@ -106,8 +106,8 @@ def test_tampered_head_file_fails_verify_and_gc_keeps_it(sweep):
 
 def test_head_file_changed_in_place_with_its_old_mtime_is_caught(sweep, tmp_path, monkeypatch):
     """One bit of a head_responses file's data flipped, size and mtime kept: `verify` hashes
-    it and names it; a read with a cold cache refuses the sweep. (A warm read-time cache keys
-    on the unit's main shard, so it does not hash the file again: README, "Integrity".)"""
+    it and names it; a read with a cold cache refuses the sweep. (A warm read-time cache does
+    not hash it again: it keys on sizes and mtimes, the limit shared with shards, README.)"""
     import db.shards as shards_mod
 
     store, _, db_url, _ = sweep
