@@ -20,6 +20,7 @@ import torch
 from db.shards import write_shard
 from db.store import connect
 from tasks.errors import UnisweepError, is_environment_error
+from tasks.kl import set_fused_kl_mode
 from tasks.models import load_model
 from tasks.run_unit import run_unit, run_unit_tables
 from tasks.work import UnitWork
@@ -43,12 +44,13 @@ class UnitRunner:
     def __init__(self, db_url: str | None, sweep_id: Any, sweep: str, group: str, output_dir: str,
                  *, ttl_s: float = 60.0, heartbeat_s: float = 10.0, max_attempts: int = 3,
                  device: str | None = None, threads: int | None = None,
-                 idle_poll_s: float = 0.5) -> None:
+                 idle_poll_s: float = 0.5, fused_kl: str = "off") -> None:
         self.db_url, self.sweep_id, self.sweep, self.group = db_url, sweep_id, sweep, group
         self.output_dir = output_dir
         self.ttl_s, self.heartbeat_s, self.max_attempts = ttl_s, heartbeat_s, max_attempts
         self.idle_poll_s = idle_poll_s
         self.threads = threads
+        self.fused_kl = fused_kl  # the spec's engine.fused_kl, applied when the model loads
         self.device = device or _default_device()
         self.worker_id = new_worker_id()
         self._store: Any = None
@@ -107,6 +109,7 @@ class UnitRunner:
             if self.threads:
                 torch.set_num_threads(self.threads)  # the CPUs Ray gave this actor, no more
             self._lm = load_model(work.run.model, dtype=work.dtype, device=self.device)
+            set_fused_kl_mode(self.fused_kl, self._lm.device)
             store = self._get_store()
             store.register_worker(self.worker_id, socket.gethostname(), self.device, work.run.model_id)
         return self._lm

@@ -95,7 +95,7 @@ class Driver:
         actors = [cls.options(**ap.options).remote(
             self.db_url, self.info.id, self.sweep, g, self.info.output_dir,
             ttl_s=L.ttl_s, heartbeat_s=L.heartbeat_s, max_attempts=L.max_attempts,
-            threads=ap.threads) for g in groups]
+            threads=ap.threads, fused_kl=self.spec.engine.fused_kl) for g in groups]
         ids = ray.get([a.get_worker_id.remote() for a in actors], timeout=600)
         slots = [_Slot(a, g, w) for a, g, w in zip(actors, groups, ids, strict=True)]
         self.worker_ids.update(ids)

@@ -206,6 +206,14 @@ class Resources(_Strict):
     max_actors: int | None = Field(default=None, ge=1, le=100_000)
 
 
+class EngineSpec(_Strict):
+    """How the engine computes, never what: `fused_kl` picks the KL kernel (tasks.kl):
+    "auto" compiles it once a long run has done enough KL work to pay for it, "on" at start
+    (eager if its accuracy gate fails), "off" never."""
+
+    fused_kl: Literal["auto", "on", "off"] = "auto"
+
+
 class LeaseSpec(_Strict):
     """The database queue: lease time-to-live, heartbeat period, attempts before `failed`."""
 
@@ -237,6 +245,7 @@ class SweepSpec(_Strict):
     cells_per_unit: int = Field(default=256, ge=1, le=10_000_000)
     resources: Resources = Resources()
     lease: LeaseSpec = LeaseSpec()
+    engine: EngineSpec = EngineSpec()
     output: str = "unisweep-out"
     database: str | None = None
 
