@@ -50,6 +50,7 @@ import torch  # noqa: E402
 
 from bench.paper_scale import ShapeCost, grid_flops  # noqa: E402
 from tasks.directions import random_directions  # noqa: E402
+from tasks import kl as klmod  # noqa: E402
 from tasks.engine import compute_responses  # noqa: E402
 from tasks.models import load_model  # noqa: E402
 from tasks.prompts import make_prompts  # noqa: E402
@@ -328,16 +329,21 @@ def engine_positions(ctx: Ctx, v: Variant) -> list[int]:
     return pos[max(0, mid - m // 2):][:m]
 
 
-def time_engine(ctx: Ctx, v: Variant, per_position: bool = False) -> dict:
+def time_engine(ctx: Ctx, v: Variant, per_position: bool = False, eager_kl: bool = False) -> dict:
     """The engine on the grid; per_position: one position per pass (no cross-position
-    batching), the engine as it was before passes spanned positions."""
+    batching), the engine as it was before passes spanned positions; eager_kl: with the
+    compiled KL kernel (--fused-kl) set aside for this call."""
     lps = v.family.lp_list(ctx.lm.n_layers)
     pos = engine_positions(ctx, v)
     extra = {"batch_positions": False} if per_position else {}
-    t0 = time.perf_counter()
-    compute_responses(ctx.lm, [ctx.prompt], lps, pos, eps_values(v.eps), ctx.dirs_all[:v.dirs],
-                      **extra)
-    secs = time.perf_counter() - t0
+    fused, klmod._fused = klmod._fused, (None if eager_kl else klmod._fused)
+    try:
+        t0 = time.perf_counter()
+        compute_responses(ctx.lm, [ctx.prompt], lps, pos, eps_values(v.eps),
+                          ctx.dirs_all[:v.dirs], **extra)
+        secs = time.perf_counter() - t0
+    finally:
+        klmod._fused = fused
     cells = len(lps) * len(pos) * v.eps * v.dirs
     return {"cells": cells, "secs": secs, "positions": len(pos)}
 
@@ -419,6 +425,8 @@ def run_family(ctx: Ctx, fam: Family, variants: list[Variant], reps: int) -> lis
         tasks.append(("engine", v))
         if ctx.args.per_position:
             tasks.append(("engine_pp", v))
+        if ctx.args.fused_kl == "both":
+            tasks.append(("engine_eager", v))
         if "nnsight_cell" in ctx.peers:
             tasks.append(("nnsight_batched", v))
     per_rep: list[dict] = []
@@ -433,6 +441,8 @@ def run_family(ctx: Ctx, fam: Family, variants: list[Variant], reps: int) -> lis
                 got[("engine", what)] = time_engine(ctx, what)
             elif kind == "engine_pp":
                 got[("engine_pp", what)] = time_engine(ctx, what, per_position=True)
+            elif kind == "engine_eager":
+                got[("engine_eager", what)] = time_engine(ctx, what, eager_kl=True)
             else:
                 got[("nnsight_batched", what)] = time_nnsight_batched(ctx, what)
         got["load_end"] = load_avg()
@@ -450,9 +460,9 @@ def run_family(ctx: Ctx, fam: Family, variants: list[Variant], reps: int) -> lis
             eng = got[("engine", v)]
             row["engine_positions"] = eng["positions"]
             r = {"load": got["load"], "engine": eng["cells"] / eng["secs"]}
-            if ("engine_pp", v) in got:
-                pp = got[("engine_pp", v)]
-                r["engine_pp"] = pp["cells"] / pp["secs"]
+            for kind in ("engine_pp", "engine_eager"):
+                if (kind, v) in got:
+                    r[kind] = got[(kind, v)]["cells"] / got[(kind, v)]["secs"]
             for name in PER_CELL:
                 if name in got:
                     r[name] = rate(got[name], grid_cells)
@@ -470,6 +480,10 @@ def run_family(ctx: Ctx, fam: Family, variants: list[Variant], reps: int) -> lis
             row["engine_pp"] = statistics.median(r["engine_pp"] for r in row["reps"])
             row["batching_gain"] = statistics.median(r["engine"] / r["engine_pp"]
                                                      for r in row["reps"])
+        if all("engine_eager" in r for r in row["reps"]):
+            row["engine_eager"] = statistics.median(r["engine_eager"] for r in row["reps"])
+            row["fused_gain"] = statistics.median(r["engine"] / r["engine_eager"]
+                                                  for r in row["reps"])
         out.append(row)
     return out
 
@@ -499,19 +513,21 @@ def fmt_row(row: dict) -> str:
     return (f"| {row['T']} | {n_pos}{timed} | {lps} | {row['eps']} | {row['dirs']} | {row['cells']} | "
             f"{row['engine']:.2f} | {ratio('naive')} | {ratio('nnsight_cell')} | "
             f"{ratio('nnsight_batched')} | {ratio('bridge')} | {row['limit']:.2f}x | {targets(row)} | "
-            f"{_gain(row)} |")
+            f"{_gain(row, 'engine_pp', 'batching_gain')} | "
+            f"{_gain(row, 'engine_eager', 'fused_gain')} |")
 
 
-def _gain(row: dict) -> str:
-    if "batching_gain" not in row:
+def _gain(row: dict, rate_key: str, gain_key: str) -> str:
+    if gain_key not in row:
         return "-"
-    return f"{row['engine_pp']:.2f}: {row['batching_gain']:.2f}x"
+    return f"{row[rate_key]:.2f}: {row[gain_key]:.2f}x"
 
 
 HEADER = ("| T | positions | lp set | eps | dirs | cells | engine cells/s | naive: cells/s, "
           "engine/it | nnsight per cell | nnsight batched invokes | TransformerBridge | "
-          "FLOP limit | issue 19 target | engine, one position per pass: cells/s, engine/it |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "FLOP limit | issue 19 target | engine, one position per pass: cells/s, engine/it | "
+          "engine, eager KL: cells/s, engine/it |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def main(argv=None) -> int:
@@ -530,6 +546,9 @@ def main(argv=None) -> int:
                     help="comma-separated subset of naive, nnsight, bridge")
     ap.add_argument("--per-position", action="store_true",
                     help="also time the engine with one position per pass (batch_positions=False)")
+    ap.add_argument("--fused-kl", choices=("off", "on", "both"), default="off",
+                    help="the engine's KL: eager (off), the compiled kernel after its gate (on; "
+                    "the engine's best configuration), or both, interleaved (its own column)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default torch's; 1 wastes less on an oversubscribed machine)")
     ap.add_argument("--json", type=Path, help="also write every number here")
@@ -563,6 +582,11 @@ def main(argv=None) -> int:
                 ctx.peers[cls.name] = cls(lm)
             except ImportError as exc:
                 ctx.skipped[key] = f"not installed ({exc}); pip install '.[bench]'"
+    if args.fused_kl != "off":
+        t0 = time.perf_counter()
+        on = klmod.set_fused_kl_mode("on")
+        print(f"fused KL: {'on' if on else 'OFF (gate failed, eager)'} after "
+              f"{time.perf_counter() - t0:.1f} s (gate, or its cached verdict, and compile)")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; model {args.model} ({args.dtype}), L={lm.n_layers}; "
           f"load average {load_avg()}; grids {axes}", flush=True)

@@ -52,6 +52,28 @@ def test_peers_quick_all_peers(tmp_path):
                 ("naive", "nnsight_cell", "nnsight_batched", "bridge"))
 
 
+def test_peers_quick_with_fused_kl_both(tmp_path, monkeypatch):
+    """--fused-kl both: the engine with the compiled KL, and with the eager KL interleaved."""
+    from bench.peers import main
+    from tasks import kl as klmod
+
+    monkeypatch.setenv("UNISWEEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "peers.json"
+    try:
+        assert main(["--model", "tiny:llama", "--quick", "--peers", "naive", "--fused-kl", "both",
+                     "--json", str(out)]) == 0
+        fused_on = klmod._fused is not None
+    finally:
+        klmod.set_fused_kl_mode("off")
+    rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        (rep,) = r["reps"]
+        assert rep["engine_eager"] > 0 and "engine_pp" not in rep
+        assert r["fused_gain"] == pytest.approx(rep["engine"] / rep["engine_eager"])
+    if not fused_on:
+        pytest.skip("torch.compile unavailable here: both columns ran the eager KL")
+
+
 def test_peers_bad_grid_selection_exits_2(capsys):
     from bench.peers import main
 
