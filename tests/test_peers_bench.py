@@ -52,7 +52,7 @@ def test_peers_quick_all_peers(tmp_path):
                 ("naive", "nnsight_cell", "nnsight_batched", "bridge"))
 
 
-def test_peers_quick_with_fused_kl_both(tmp_path, monkeypatch):
+def test_peers_quick_with_fused_kl_both(tmp_path, monkeypatch, capsys):
     """--fused-kl both: the engine with the compiled KL, and with the eager KL interleaved."""
     from bench.peers import main
     from tasks import kl as klmod
@@ -70,6 +70,11 @@ def test_peers_quick_with_fused_kl_both(tmp_path, monkeypatch):
         (rep,) = r["reps"]
         assert rep["engine_eager"] > 0 and "engine_pp" not in rep
         assert r["fused_gain"] == pytest.approx(rep["engine"] / rep["engine_eager"])
+    # --render prints the same table from the file, timing nothing.
+    assert main(["--render", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "engine, eager KL" in printed and "issue 19 target met on" in printed
+    assert f"{rows[1]['engine']:.2f}" in printed
     if not fused_on:
         pytest.skip("torch.compile unavailable here: both columns ran the eager KL")
 
@@ -79,7 +84,8 @@ def test_peers_bad_grid_selection_exits_2(capsys):
 
     for argv, says in ((["--grids", "eps=5"], "--grids: eps must be among 1/4/11, got '5'"),
                        (["--grids", "layers=0"], "--grids: 'layers=0'"),
-                       (["--peers", "naive,pyvene"], "--peers: 'pyvene'")):
+                       (["--peers", "naive,pyvene"], "--peers: 'pyvene'"),
+                       (["--render", "/nonexistent/peers.json"], "--render: no such file")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and says in capsys.readouterr().err
