@@ -23,8 +23,8 @@ from analysis.heads import report_parts as head_report_parts
 from analysis.sections import sections
 from analysis.source import SweepData
 from analysis.universality import GROUP, chi_curves, universality
-from tasks.catalog import describe_model
 from tasks.errors import InvalidInput
+from tasks.known_models import describe_model
 
 # chi(i, j) maps need positions: with fewer perturbed j in copy 1 than this (or than T / 2)
 # they show isolated columns, and chi against i - j shows the stripes instead.

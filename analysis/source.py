@@ -1,6 +1,8 @@
 """Where a sweep's data comes from: the result database's done shards and run tables.
 
 `load_sweep` asks the Store; `from_shards` takes paths and Arrow tables directly (tests, tools).
+Shard paths may be local files or object store URIs (s3://, gs://, abfs://): analysis.views
+reads either.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import duckdb
 import pyarrow as pa
 
 from analysis.views import open_sweep
+from db import storage
 from tasks.errors import InvalidInput
 
 
@@ -22,7 +25,7 @@ class SweepData:
 
     con: duckdb.DuckDBPyConnection
     sweep: str | None
-    shard_paths: list[Path] = field(default_factory=list)
+    shard_paths: list[str | Path] = field(default_factory=list)  # local Paths or object URIs
 
     def sql(self, query: str) -> duckdb.DuckDBPyRelation:
         """Run SQL on the views (internal use: no read-only check); returns a DuckDB relation."""
@@ -34,7 +37,8 @@ def from_shards(shard_paths: Sequence[str | Path], units: pa.Table | None = None
                 threads: int | None = None) -> SweepData:
     """Open exactly these shard files (plus optional units / sweeps tables) for analysis."""
     con = open_sweep(shard_paths, units, sweeps, threads=threads)
-    return SweepData(con=con, sweep=sweep, shard_paths=[Path(p) for p in shard_paths])
+    return SweepData(con=con, sweep=sweep, shard_paths=[
+        p if storage.is_object_store(p) else Path(p) for p in shard_paths])
 
 
 def load_sweep(sweep: str | None, db: str | None = None, out: str | Path | None = None, *,

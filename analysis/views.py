@@ -1,6 +1,10 @@
 """The DuckDB views every analysis reads: `responses` over a sweep's done shards, `heads` over
 their head_responses files (units that recorded heads), `units`, `sweeps`.
 
+Local files are read by DuckDB's own Parquet reader; files in an object store (s3://, gs://,
+abfs://) through a pyarrow dataset over exactly those files, since DuckDB's httpfs is not
+bundled.
+
 Opened read-only: after the views exist, file access is limited to those shards and locked.
 """
 
@@ -9,10 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 
+from db import storage
 from db.shards import head_shard
 from tasks.errors import InvalidInput
 from tasks.layout import HEAD_SHARD_SCHEMA, SHARD_SCHEMA
@@ -53,24 +60,26 @@ def open_sweep(
     glob) and adds `chi`, `delta` (= i - j), `offset_class`, `depth` (= l / n_layers),
     `revision` and `model_name` (the model id split at '@', for checkpoint sweeps).
     `heads` reads the head_responses files those shards name and adds `chi_head` (r_head per
-    unit eps), `delta`, `offset_class` and `depth` alike.
-    With `lock`, the connection can afterwards read only those files and cannot change
-    its own settings, so user SQL cannot reach other files or write any.
+    unit eps), `delta`, `offset_class` and `depth` alike. Shards (and so their head files)
+    may be local paths or object store URIs. With `lock`, the connection can afterwards
+    read only those local files and cannot change its own settings, so user SQL cannot
+    reach other files or write any (object store files are scanned in process).
     """
-    paths = [str(Path(p).resolve()) for p in shard_paths]
+    paths = [str(p) if storage.is_object_store(p) else str(Path(p).resolve()) for p in shard_paths]
     for p in paths:
-        if not Path(p).is_file():
+        if not storage.is_object_store(p) and not Path(p).is_file():
             raise InvalidInput("shard_paths", "existing Parquet files of done units", p,
                                detail="a done shard is missing on disk; run `unisweep verify`")
+    try:
+        head_paths = [h.path for p in paths if (h := head_shard(p)) is not None]
+    except FileNotFoundError as exc:
+        raise InvalidInput("shard_paths", "existing Parquet files of done units",
+                           str(exc).splitlines()[0],
+                           detail="a done shard is missing; run `unisweep verify`") from None
     con = duckdb.connect(":memory:")
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")
-    if paths:
-        source = f"read_parquet({_sql_list(paths)})"
-    else:
-        # No done shard yet: an empty relation with the shard columns keeps every query valid.
-        con.register("_empty_shards", SHARD_SCHEMA.empty_table())
-        source = "_empty_shards"
+    source = _scan(con, "shards", paths, SHARD_SCHEMA)
     con.execute(
         f"""CREATE VIEW responses AS
         SELECT *, {CHI_SQL} AS chi, i - j AS delta, {OFFSET_CLASS_SQL} AS offset_class,
@@ -78,12 +87,7 @@ def open_sweep(
                {MODEL_NAME_SQL} AS model_name
         FROM {source}"""
     )
-    head_paths = [str(Path(h.path).resolve()) for p in paths if (h := head_shard(p)) is not None]
-    if head_paths:
-        head_source = f"read_parquet({_sql_list(head_paths)})"
-    else:
-        con.register("_empty_heads", HEAD_SHARD_SCHEMA.empty_table())
-        head_source = "_empty_heads"
+    head_source = _scan(con, "heads", head_paths, HEAD_SHARD_SCHEMA)
     con.execute(
         f"""CREATE VIEW heads AS
         SELECT *, CASE WHEN eps IS NULL THEN r_head ELSE r_head / eps END AS chi_head,
@@ -96,11 +100,52 @@ def open_sweep(
         con.register(f"_{name}_arrow", table)
         con.execute(f"CREATE VIEW {name} AS SELECT * FROM _{name}_arrow")
     if lock:
-        if paths:
-            con.execute(f"SET allowed_paths = {_sql_list(paths + head_paths)}")
+        local = [p for p in paths + head_paths if not storage.is_object_store(p)]
+        if local:
+            con.execute(f"SET allowed_paths = {_sql_list(local)}")
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
     return con
+
+
+def _scan(con: duckdb.DuckDBPyConnection, name: str, paths: list[str], schema: pa.Schema) -> str:
+    """The relation a view selects from for exactly `paths`: DuckDB's read_parquet when all
+    are local; else a pyarrow dataset (one per store, unioned, local files included)
+    registered on `con`; with none (no done shard yet), an empty table of `schema`, which
+    keeps every query valid."""
+    if not paths:
+        con.register(f"_empty_{name}", schema.empty_table())
+        return f"_empty_{name}"
+    if not any(storage.is_object_store(p) for p in paths):
+        return f"read_parquet({_sql_list(paths)})"
+    con.register(f"_{name}_dataset", dataset_of(paths, schema))  # scanned in process
+    return f"_{name}_dataset"
+
+
+def dataset_of(paths: Sequence[str], schema: pa.Schema) -> pads.Dataset:
+    """One pyarrow dataset over exactly these Parquet files, local or in object stores."""
+    by_store: dict[tuple[str, str], list[str]] = {}
+    local = []
+    for p in paths:
+        if storage.is_object_store(p):
+            parts = urlsplit(p)
+            by_store.setdefault((parts.scheme, parts.netloc), []).append(p)
+        else:
+            local.append(p)
+    datasets = []
+    try:
+        for uris in by_store.values():
+            fs, _ = storage.resolve(uris[0])
+            datasets.append(pads.dataset([storage.resolve(u)[1] for u in uris], schema=schema,
+                                         format="parquet", filesystem=fs))
+        if local:
+            datasets.append(pads.dataset(local, schema=schema, format="parquet"))
+    except FileNotFoundError as exc:
+        raise InvalidInput("shard_paths", "existing Parquet files of done units", str(exc).splitlines()[0],
+                           detail="a done shard is missing; run `unisweep verify`") from None
+    except OSError as exc:
+        raise storage.StorageError(f"reading shards: {storage.reason(exc)}") from None
+    return datasets[0] if len(datasets) == 1 else pads.dataset(datasets)
 
 
 # EXPLAIN [ANALYZE] [(options)] before the statement it explains (comments allowed first).

@@ -2,6 +2,10 @@
 
     python bench/e2e.py                      # SmolLM2-135M float32 (about 3 minutes on 2 cores)
     python bench/e2e.py --model tiny:llama   # a quick smoke run
+    python bench/e2e.py --output s3://BUCKET/PREFIX   # shards to an object store (AWS_* env)
+
+With --output URI the run also times the storage step alone, interleaved in this process:
+every unit's shard written (upload + sha256) to the object store and to a local folder.
 
 Prints a Markdown table (cells/s; a cell is one (prompt, lp, j, eps or linear, direction)).
 """
@@ -92,6 +96,36 @@ def end_to_end(spec, db_url: str) -> dict:
             "unit_compute_s": [round(r["compute_s"], 2) for r in u]}
 
 
+def storage_overhead(db_url: str, sweep: str, output: str, local: Path, repeats: int) -> dict:
+    """ms per unit of write_shard (and verify) to `output` vs a local folder, interleaved."""
+    import pyarrow.parquet as pq
+
+    from db import storage
+    from db.shards import verify_shard, write_shard
+    from db.store import connect
+
+    store = connect(db_url)
+    tables = []
+    for info in store.done_shards(sweep):
+        fs, path = storage.resolve(info.path) if storage.is_object_store(info.path) else (None, info.path)
+        tables.append((info.path.rsplit("/", 1)[-1].split(".")[0], pq.read_table(path, filesystem=fs)))
+    store.close()
+    times: dict[str, list[float]] = {"local": [], "object": [], "local_verify": [], "object_verify": []}
+    for _ in range(repeats):
+        for key, table in tables:
+            for where, out in (("local", str(local)), ("object", output)):
+                t0 = time.perf_counter()
+                info = write_shard(table, out, "bench-storage", key)
+                times[where].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                assert verify_shard(info) is None
+                times[f"{where}_verify"].append(time.perf_counter() - t0)
+    ms = {k: 1000 * sorted(v)[len(v) // 2] for k, v in times.items()}  # medians
+    return {"units": len(times["local"]), "median_ms": ms,
+            "mean_bytes": sum(t.nbytes for _, t in tables) / max(1, len(tables)),
+            "load_avg": os.getloadavg()[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -104,13 +138,23 @@ def main() -> None:
     ap.add_argument("--cells-per-unit", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, help="also write the numbers here")
+    ap.add_argument("--output", help="where the shards go (default: a temporary folder); "
+                    "s3://BUCKET/PREFIX etc. also times object storage against a local folder")
+    ap.add_argument("--storage-repeats", type=int, default=5,
+                    help="passes over the units when timing the storage step alone")
     args = ap.parse_args()
 
     from orchestrator.planner import validate_models
     from orchestrator.spec import spec_from_dict
 
     tmp = Path(tempfile.mkdtemp(prefix="unisweep-bench-"))
-    spec = spec_from_dict(grid(args, tmp / "out"))
+    output = args.output or str(tmp / "out")
+    if args.output:
+        from db.storage import preflight
+
+        output = f"{output.rstrip('/')}/{tmp.name}"  # a fresh prefix per run
+        preflight(output)
+    spec = spec_from_dict(grid(args, output))
     validate_models(spec)
     # The machine may be shared: bracket the end-to-end run by two engine-only runs.
     eng1 = engine_only(spec, args.threads)
@@ -136,10 +180,25 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for label, cells, secs, rate in rows:
         print(f"| {label} | {cells} | {secs:.1f} | {rate:.1f} | {rate / eng_rate:.0%} |")
-    if args.json:
-        args.json.write_text(json.dumps({"engine": eng, "e2e": e2e}, default=str, indent=1))
     print(f"\nengine-only runs: {eng['runs_s'][0]:.1f} s, {eng['runs_s'][1]:.1f} s; "
-          f"unit compute_s: {e2e['unit_compute_s']}")
+          f"unit compute_s: {e2e['unit_compute_s']}; shards in {output}")
+    result = {"engine": eng, "e2e": e2e}
+    if args.output:
+        st = storage_overhead(f"sqlite:///{tmp / 'bench.db'}", spec.name, output, tmp / "local",
+                              args.storage_repeats)
+        m = st["median_ms"]
+        print(f"\nstorage step alone, {st['units']} shard writes each, interleaved (median ms per "
+              f"unit; {st['mean_bytes'] / 1e3:.0f} kB of Arrow data per unit; load average "
+              f"{st['load_avg']:.1f}):\n")
+        print("| where | write_shard ms/unit | verify (read back, sha256, rows) ms/unit |")
+        print("|---|---:|---:|")
+        print(f"| local folder (fsync + rename) | {m['local']:.1f} | {m['local_verify']:.1f} |")
+        print(f"| object store ({output.split('://')[0]}://) | {m['object']:.1f} | {m['object_verify']:.1f} |")
+        print(f"| object store minus local | {m['object'] - m['local']:+.1f} | "
+              f"{m['object_verify'] - m['local_verify']:+.1f} |")
+        result["storage"] = st
+    if args.json:
+        args.json.write_text(json.dumps(result, default=str, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Integrity of a sweep's files: verify done units' shards, find and delete orphan files.
 
-The database decides what is data (the shards of done units); anything else under the
-sweep's shard folder is an orphan (torn, temporary or superseded) that gc may delete.
+The database decides what is data (the shards of done units and the head_responses files
+beside them); anything else under the sweep's shard folder or object store prefix is an
+orphan (torn, temporary or superseded) that gc may delete.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +14,17 @@ from sqlalchemy import select
 
 from db.leasing import utcnow
 from db.models import Unit, in_sweep
-from db.shards import ShardInfo, heads_path, key_of, shard_files, verify_shard
+from db.shards import (
+    ShardInfo,
+    canonical,
+    heads_path,
+    key_of,
+    remove_file,
+    shard_files,
+    stat_shard,
+    verify_shard,
+)
+from db.storage import StorageError
 from db.sweeps import SweepStore
 
 
@@ -76,18 +86,19 @@ class IntegrityStore(SweepStore):
                 problems.append(ShardProblem(key, path, "done without a recorded shard"))
                 continue
             try:
-                size = os.stat(path).st_size
-            except FileNotFoundError:
+                found = stat_shard(path)  # a local file or an object in the store
+            except (OSError, StorageError):
+                continue  # unreadable right now: `verify` says why
+            if found is None:
                 problems.append(ShardProblem(key, path, "missing"))
                 continue
-            except OSError:
-                continue  # not a local file (object store): `verify` checks it
+            size = found[0]
             if size != nbytes:
                 problems.append(ShardProblem(key, path, f"size {size} != recorded {nbytes}"))
         return problems
 
-    def orphans(self, sweep: int | str, *, include_in_flight: bool = False) -> list[Path]:
-        """Files under the sweep's shard folder that are not the shard of a done unit.
+    def orphans(self, sweep: int | str, *, include_in_flight: bool = False) -> list[Path | str]:
+        """Files (or objects) under the sweep's shard folder that are not the shard of a done unit.
 
         Files of units whose lease is live are being written right now: left out unless asked.
         """
@@ -95,7 +106,7 @@ class IntegrityStore(SweepStore):
         now = utcnow()
         with self._session() as s:
             done = {
-                os.path.realpath(q)
+                canonical(q)
                 for (p,) in s.execute(
                     select(Unit.result_path).where(in_sweep(info.id), Unit.status == "done")
                 )
@@ -111,17 +122,17 @@ class IntegrityStore(SweepStore):
             )
         out = []
         for path in shard_files(info.output_dir, info.name):
-            if os.path.realpath(path) in done:
+            if canonical(path) in done:
                 continue
             if not include_in_flight and key_of(path) in live:
                 continue
             out.append(path)
         return out
 
-    def gc(self, sweep: int | str, *, include_in_flight: bool = False, dry_run: bool = False) -> list[Path]:
+    def gc(self, sweep: int | str, *, include_in_flight: bool = False, dry_run: bool = False) -> list[Path | str]:
         """Delete orphan files (torn, temporary, superseded shards); returns what was (or would be) removed."""
         paths = self.orphans(sweep, include_in_flight=include_in_flight)
         if not dry_run:
             for p in paths:
-                p.unlink(missing_ok=True)
+                remove_file(p)
         return paths

@@ -66,15 +66,20 @@ def _lease_stmt(postgres: bool, by_group: bool, capped: bool, expired: bool) -> 
         cond = [c.sweep_id == bindparam("p_sweep"), c.status == "leased", c.lease_expires < bindparam("p_now")]
     else:
         cond = [c.sweep_id == bindparam("p_sweep"), c.status == "pending"]
+    return _leasing_update(_candidates(cond, postgres, by_group, capped))
+
+
+def _candidates(cond: list[Any], postgres: bool, by_group: bool, capped: bool) -> Any:
+    """Ids of the units matching `cond` (and the group / attempts cap), first n in plan order."""
     if by_group:
-        cond.append(c.group == bindparam("p_group"))
+        cond = [*cond, c.group == bindparam("p_group")]
     if capped:
-        cond.append(c.attempts < bindparam("p_max"))
+        cond = [*cond, c.attempts < bindparam("p_max")]
     candidates = select(c.id).where(*cond).order_by(c.id).limit(bindparam("p_n"))
     if postgres:
         # Concurrent leasers skip each other's rows instead of queueing on them.
         candidates = candidates.with_for_update(skip_locked=True)
-    return _leasing_update(candidates)
+    return candidates
 
 
 def _leasing_update(candidates: Any) -> Executable:
@@ -100,14 +105,7 @@ def _lease_shared_stmt(postgres: bool, by_group: bool, capped: bool) -> Executab
     open_ = or_(c.status == "pending",
                 and_(c.status == "leased", c.lease_expires < bindparam("p_now")))
     cond = [c.id.in_(shared.scalar_subquery()), open_]
-    if by_group:
-        cond.append(c.group == bindparam("p_group"))
-    if capped:
-        cond.append(c.attempts < bindparam("p_max"))
-    candidates = select(c.id).where(*cond).order_by(c.id).limit(bindparam("p_n"))
-    if postgres:
-        candidates = candidates.with_for_update(skip_locked=True)
-    return _leasing_update(candidates)
+    return _leasing_update(_candidates(cond, postgres, by_group, capped))
 
 
 def lease_units(

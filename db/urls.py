@@ -59,6 +59,10 @@ def resolve_url(db: str | None = None, out: str | os.PathLike[str] | None = None
     env = os.environ.get(ENV_VAR)
     if env:
         return env
+    if out is not None and "://" in str(out):
+        # Shards in a bucket: the database cannot sit beside them, so it must be named.
+        raise InvalidInput("database", f"a database URL ({ALLOWED}) given by --db, the spec's "
+                           f"`database` or env {ENV_VAR} when output is an object store", str(out))
     return default_url(out if out is not None else DEFAULT_OUT)
 
 

@@ -44,12 +44,21 @@ class UnitRunner:
     def __init__(self, db_url: str | None, sweep_id: Any, sweep: str, group: str, output_dir: str,
                  *, ttl_s: float = 60.0, heartbeat_s: float = 10.0, max_attempts: int = 3,
                  device: str | None = None, threads: int | None = None,
-                 idle_poll_s: float = 0.5, fused_kl: str = "off") -> None:
+                 idle_poll_s: float = 0.5, gpus: float = 0.0, env_ref: Any = None,
+                 fused_kl: str = "off") -> None:
+        # env_ref: [ObjectRef of {name: value}] from the driver (database URL, HF_TOKEN, AWS_*),
+        # set into this process's environment before the database, the hub or the object
+        # store is touched; a one-element list so that Ray hands over the reference only.
+        if env_ref:
+            import ray
+
+            os.environ.update(ray.get(env_ref[0]))
         self.db_url, self.sweep_id, self.sweep, self.group = db_url, sweep_id, sweep, group
         self.output_dir = output_dir
         self.ttl_s, self.heartbeat_s, self.max_attempts = ttl_s, heartbeat_s, max_attempts
         self.idle_poll_s = idle_poll_s
         self.threads = threads
+        self.gpus = gpus  # GPUs Ray gave this actor: more than one spreads the model over them
         self.fused_kl = fused_kl  # the spec's engine.fused_kl, applied when the model loads
         self.device = device or _default_device()
         self.worker_id = new_worker_id()
@@ -108,7 +117,8 @@ class UnitRunner:
         if self._lm is None:
             if self.threads:
                 torch.set_num_threads(self.threads)  # the CPUs Ray gave this actor, no more
-            self._lm = load_model(work.run.model, dtype=work.dtype, device=self.device)
+            self._lm = load_model(work.run.model, dtype=work.dtype, device=self.device,
+                                  gpus=max(1, int(self.gpus)))
             set_fused_kl_mode(self.fused_kl, self._lm.device)
             store = self._get_store()
             store.register_worker(self.worker_id, socket.gethostname(), self.device, work.run.model_id)

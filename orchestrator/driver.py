@@ -1,4 +1,4 @@
-"""The driver loop: run a submitted sweep on one actor per GPU (or CPU actors) and watch them.
+"""The driver loop: run a submitted sweep on GPU actors placed per node (or CPU actors), watch them.
 
 Submitting lives in submit.py, the actor plan in placement.py, Ray start-up in ray_session.py,
 the progress bar and SIGTERM in progress.py. The loop restarts dead actors and fails their
@@ -20,9 +20,22 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from orchestrator.actor import make_actor_class
-from orchestrator.placement import ActorPlan, actor_plan
+from orchestrator.placement import (
+    ActorPlan,
+    GpuLedger,
+    actor_plan,
+    check_fits,
+    cluster_nodes,
+    gpu_actor_options,
+)
 from orchestrator.progress import SweepProgress, is_main_thread, raise_interrupt
-from orchestrator.ray_session import PROJECT_ROOT, SHIP_EXCLUDES, check_address, init_ray
+from orchestrator.ray_session import (
+    PROJECT_ROOT,
+    SHIP_EXCLUDES,
+    check_address,
+    init_ray,
+    worker_env,
+)
 from orchestrator.spec import SweepSpec
 from orchestrator.submit import check_output_dir, load_sweep_spec, submit
 from tasks.errors import UnisweepError
@@ -58,6 +71,8 @@ class _Slot:
     worker_id: str
     ref: Any = None
     deaths: int = 0
+    node: str | None = None  # the node a GPU actor is pinned to (booked in the GpuLedger)
+    gpus: float = 0.0
 
 
 class Driver:
@@ -83,25 +98,74 @@ class Driver:
         self.info = store.get_sweep(sweep)
         self.slots: list[_Slot] = []
         self.deaths = 0
+        self.ledger: GpuLedger | None = None  # GPU actors only: free GPUs per node
+        self.group_gpus: dict[str, float] = {}
+        self._env_ref: Any = None  # ray.put(worker_env(...)), made once per run
 
     # ---- actors ----
 
-    def _start_actor(self, group: str, ap: ActorPlan, cls: Any) -> _Slot:
-        return self._start_actors([group], ap, cls)[0]
+    def _start_actor(self, group: str, ap: ActorPlan, cls: Any) -> _Slot | None:
+        """One new actor for `group`, or None when no node has room for it now."""
+        placed = self._place(group)
+        return self._launch([placed], ap, cls)[0] if placed else None
 
-    def _start_actors(self, groups: list[str], ap: ActorPlan, cls: Any) -> list[_Slot]:
-        """Start one actor per entry of `groups` (in parallel) and set each on its group."""
+    def _place(self, group: str) -> tuple[str, str | None, float] | None:
+        """(group, node, GPUs) for one new actor, booked in the ledger; None: no room now.
+        CPU actors have no node: Ray places them."""
+        if self.ledger is None:
+            return group, None, 0.0
+        need = self.group_gpus[group]
+        node = self.ledger.take(need)
+        return (group, node, need) if node is not None else None
+
+    def _launch(self, placed: list[tuple[str, str | None, float]], ap: ActorPlan,
+                cls: Any) -> list[_Slot]:
+        """Start the placed actors (in parallel), each set on its group; a GPU actor pinned
+        to its booked node."""
+        import ray
+
         L = self.spec.lease
-        actors = [cls.options(**ap.options).remote(
-            self.db_url, self.info.id, self.sweep, g, self.info.output_dir,
+        if self._env_ref is None:
+            self._env_ref = ray.put(worker_env(self.db_url))
+        actors = [cls.options(**(gpu_actor_options(node, need) if node else ap.options)).remote(
+            None, self.info.id, self.sweep, g, self.info.output_dir,  # the db URL: in the env
             ttl_s=L.ttl_s, heartbeat_s=L.heartbeat_s, max_attempts=L.max_attempts,
-            threads=ap.threads, fused_kl=self.spec.engine.fused_kl) for g in groups]
+            threads=ap.threads, gpus=need, fused_kl=self.spec.engine.fused_kl,
+            env_ref=[self._env_ref],  # nested: Ray passes the reference, never the value
+        ) for g, node, need in placed]
         ids = ray.get([a.get_worker_id.remote() for a in actors], timeout=600)
-        slots = [_Slot(a, g, w) for a, g, w in zip(actors, groups, ids, strict=True)]
+        slots = [_Slot(a, g, w, node=node, gpus=need)
+                 for a, (g, node, need), w in zip(actors, placed, ids, strict=True)]
         self.worker_ids.update(ids)
         for slot in slots:
             slot.ref = slot.actor.run.remote()
         return slots
+
+    def _drop(self, slot: _Slot) -> None:
+        """Kill a slot's actor for good and give its GPUs back to the ledger."""
+        import ray
+
+        ray.kill(slot.actor, no_restart=True)
+        self.slots.remove(slot)
+        if self.ledger is not None:
+            self.ledger.give(slot.node, slot.gpus)
+
+    def _fits(self, group: str) -> bool:
+        return self.ledger is None or self.ledger.fits(self.group_gpus[group])
+
+    def _gpu_cap(self) -> int:
+        """At most this many GPU actors at once (max_actors, --actors); the ledger decides the rest."""
+        caps = [c for c in (self.spec.resources.max_actors, self.actors_override) if c]
+        return min(caps) if caps else 100_000
+
+    def _plan_gpus(self, open_groups: dict[Any, dict[str, int]]) -> None:
+        """GPU actors: GPUs per actor of each group's model, checked against the largest node
+        before any actor starts; then a ledger of each node's real GPU count."""
+        models = _group_models(self.store, self.sweep)
+        self.group_gpus = {g: self.spec.gpus_per_actor(models[g]) for g in open_groups}
+        nodes = cluster_nodes()
+        check_fits({models[g]: need for g, need in self.group_gpus.items()}, nodes)
+        self.ledger = GpuLedger(nodes, self.spec.resources.actors_per_node)
 
     def _fail_in_flight(self, worker_id: str, why: str) -> None:
         # A dead worker's units count as a failed attempt (not a release): a unit that kills
@@ -111,12 +175,15 @@ class Driver:
 
     def _pick_group(self, open_groups: dict[Any, dict[str, int]],
                     planned: list[str] = ()) -> str | None:
-        # The group with the most open cells per actor already on it.
+        # The group with the most open cells per actor already on it, among those whose
+        # actor has room on some node now.
         on: dict[str, int] = {}
         for g in [s.group for s in self.slots] + list(planned):
             on[g] = on.get(g, 0) + 1
         best = None
         for g, d in open_groups.items():
+            if not self._fits(g):
+                continue
             score = d["cells"] / (1 + on.get(g, 0))
             if best is None or score > best[0]:
                 best = (score, g)
@@ -135,18 +202,24 @@ class Driver:
         try:
             if open_groups:
                 init_ray(self.address, ship=self.ship)  # only when there is work: Ray costs seconds to start
-                self.store.set_sweep_status(self.sweep, "running")
                 nodes = [n for n in ray.nodes() if n.get("Alive")]
-                ap = actor_plan(self.spec.resources, ray.cluster_resources(), len(nodes),
-                                self.actors_override)
+                resources = ray.cluster_resources()
+                if resources.get("GPU", 0) > 0:
+                    # GPU actors: counts from each node's GPUs, not a cluster-wide total; a
+                    # model that fits no node fails here, before any unit is leased.
+                    ap = ActorPlan(self._gpu_cap(), {}, "gpu", 1)
+                    self._plan_gpus(open_groups)
+                else:
+                    ap = actor_plan(self.spec.resources, resources, len(nodes), self.actors_override)
+                self.store.set_sweep_status(self.sweep, "running")
                 cls = make_actor_class(max_restarts=2, max_task_retries=0)
-                groups: list[str] = []
+                placed: list[tuple[str, str | None, float]] = []
                 for _ in range(ap.n):
-                    g = self._pick_group(open_groups, groups)
+                    g = self._pick_group(open_groups, [p[0] for p in placed])
                     if g is None:
                         break
-                    groups.append(g)
-                self.slots.extend(self._start_actors(groups, ap, cls))
+                    placed.append(self._place(g))
+                self.slots.extend(self._launch(placed, ap, cls))
                 self._watch(ap, cls, progress)
         except KeyboardInterrupt:
             interrupted = True
@@ -184,11 +257,11 @@ class Driver:
                     ray.get(ref)
                     # The group is finished: this actor's model is no longer needed. Give the
                     # slot to the group with the most open work (a new actor, a new model).
-                    ray.kill(slot.actor, no_restart=True)
-                    self.slots.remove(slot)
+                    self._drop(slot)
                     g = self._pick_group(self.store.open_by_group(self.sweep))
-                    if g is not None:
-                        self.slots.append(self._start_actor(g, ap, cls))
+                    fresh = self._start_actor(g, ap, cls) if g is not None else None
+                    if fresh is not None:
+                        self.slots.append(fresh)
                 except RayTaskError as exc:
                     # run() raised: a machine problem the worker could not ride out.
                     cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
@@ -205,8 +278,7 @@ class Driver:
                     if slot.deaths > self.max_actor_deaths:
                         log.error("actor for %s died %d times: giving up its slot", slot.group,
                                   slot.deaths)
-                        ray.kill(slot.actor, no_restart=True)
-                        self.slots.remove(slot)
+                        self._drop(slot)
                         continue
                     self._revive(slot, exc, ap, cls)
             now = time.monotonic()
@@ -237,11 +309,11 @@ class Driver:
                 exc = again
                 break
         # Gone for good: free its resources first, or the new actor may never be scheduled.
-        ray.kill(slot.actor, no_restart=True)
-        self.slots.remove(slot)
+        self._drop(slot)
         fresh = self._start_actor(slot.group, ap, cls)
-        fresh.deaths = slot.deaths
-        self.slots.append(fresh)
+        if fresh is not None:
+            fresh.deaths = slot.deaths
+            self.slots.append(fresh)
 
     def _stop_all(self, grace_s: float = 3.0, release: bool = True) -> None:
         """Ctrl-C: stop after the unit in flight if quick, else kill; release every lease
@@ -265,3 +337,15 @@ class Driver:
             if release:
                 self.store.release(s.worker_id)
         self.slots.clear()
+
+
+def _group_models(store: Any, sweep: str) -> dict[str | None, str]:
+    """group -> the model name its units load (the spec's name: what gpus_per_actor is keyed by)."""
+    import json
+
+    t = store.table_arrow("units", sweep).select(["group", "params"])
+    out: dict[str | None, str] = {}
+    for g, p in zip(t.column("group").to_pylist(), t.column("params").to_pylist(), strict=True):
+        if g not in out:
+            out[g] = json.loads(p)["run"]["model"]
+    return out

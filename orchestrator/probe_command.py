@@ -124,7 +124,7 @@ def models_install(name: str = typer.Argument(..., help="alias: smollm2-135m or 
 @models_app.command("list")
 def models_list() -> None:
     """The offline aliases, tiny test configs and shape-only models (nothing is loaded)."""
-    from tasks.catalog import ALIASES, TINY_FAMILIES, describe_model
+    from tasks.known_models import ALIASES, TINY_FAMILIES, describe_model
     from tasks.shapes import SHAPES
 
     rows = [("name", "weights", "source")]

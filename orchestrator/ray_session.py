@@ -1,6 +1,8 @@
-"""The Ray session: start local Ray or join a cluster, shipping this checkout to its workers.
+"""The Ray session: start local Ray, join a cluster (shipping this checkout), or join the
+cluster of the Ray job we run in (shipping nothing: the job's runtime env is already set).
 
-What is shipped (the project folder minus environments, results and caches) is decided here.
+What is shipped (the project folder minus environments, results and caches) and which of the
+driver's environment variables its actors get (worker_env) are decided here.
 """
 
 from __future__ import annotations
@@ -22,11 +24,48 @@ SHIP_EXCLUDES = [".venv", ".git", "runs", "unisweep-out", "**/__pycache__", "*.p
 _WATCHDOG: Any = None  # the local Ray session's watchdog process (kept referenced)
 
 
+# Set by Ray's job supervisor in the environment of a job's entrypoint: the job's runtime env.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+# Secrets and settings the actors need, read from the driver's environment. They travel as a
+# Ray object (ray.put) that each actor reads into its environment first: not as a runtime
+# env, whose env_vars Ray's runtime_env_agent.log prints in clear on every node, and not as
+# an argument value that could end up in a task spec or an error message.
+WORKER_ENV_VARS = (
+    "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+    "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+    "AWS_PROFILE", "AWS_REGION", "AWS_DEFAULT_REGION",
+    "AWS_REQUEST_CHECKSUM_CALCULATION", "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY",
+)
+
+
+def worker_env(db_url: str) -> dict[str, str]:
+    """The environment every actor gets: the database URL and the driver's WORKER_ENV_VARS."""
+    from db.urls import ENV_VAR
+
+    env = {k: os.environ[k] for k in WORKER_ENV_VARS if os.environ.get(k)}
+    env[ENV_VAR] = db_url
+    return env
+
+
+def in_ray_job() -> bool:
+    """True inside `ray job submit ... -- unisweep run ...` (the job's runtime env is set)."""
+    return RAY_JOB_ENV in os.environ
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, ship: bool = True) -> None:
-    """Local Ray by default; `address` ("auto" or ray://...) joins a cluster, shipping the project."""
+    """Local Ray by default; `address` ("auto" or ray://...) joins a cluster, shipping the project.
+
+    Inside a Ray job the job's runtime env (its working_dir) already reaches every actor:
+    join the job's cluster and ship nothing more (a second working_dir is a conflict).
+    """
     import ray  # imported on use: Ray costs seconds to import
 
     if ray.is_initialized():
+        return
+    if in_ray_job():
+        ray.init(address=address or "auto", log_to_driver=False, logging_level=logging.WARNING)
         return
     if address is None:
         # Local workers inherit the environment: put this checkout first on their path.

@@ -78,11 +78,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Plan SPEC into the database (adding only new units) and run them on Ray actors."""
         # Imported per command: --plan-only never needs Ray, the actor or the engine.
+        from db.storage import preflight
         from orchestrator.ray_session import check_address
         from orchestrator.spec import load_spec
         from orchestrator.submit import submit
 
         sweep_spec = load_spec(spec)
+        preflight(sweep_spec.output)  # a bad bucket or credentials: exit 2 before any write
         if address and not plan_only:
             check_address(address)  # before anything is written
         _warn_password(sweep_spec)
@@ -108,11 +110,13 @@ def register(app: typer.Typer) -> None:
         ship: bool = typer.Option(True, "--ship/--no-ship", help="With --address: send this checkout to the workers (Ray runtime env)"),
     ) -> None:
         """Run the open units of SWEEP (pending, or leased by a worker that stopped)."""
+        from db.storage import preflight
         from db.store import connect
         from orchestrator.driver import Driver, load_sweep_spec
 
         store = connect(db, output_dir=out, create=False)
         sweep_spec = load_sweep_spec(store, sweep)
+        preflight(store.get_sweep(sweep).output_dir)
         _requeue_lost_shards(store, sweep, checksum=False)
         summary = Driver(store, sweep, sweep_spec, _store_url(store),
                          address=address, ship=ship, actors=actors, progress=progress).run()

@@ -43,7 +43,7 @@ class _Strict(BaseModel):
 
 
 class ModelEntry(_Strict):
-    """One model of the sweep; `dtype` overrides the sweep's dtype list for this model.
+    """One model of the sweep; `dtype` and `gpus_per_actor` override the sweep's for this model.
 
     `revisions` makes training checkpoints an axis: one model identity per revision (a hub
     branch, tag or commit in the local HF cache, or a subfolder of a model folder), planned
@@ -53,6 +53,13 @@ class ModelEntry(_Strict):
     name: str = Field(min_length=1)
     dtype: Dtype | list[Dtype] | None = None
     revisions: list[str] | None = Field(default=None, min_length=1)
+    # A model too large for one GPU is spread over several in one actor (device_map="auto").
+    gpus_per_actor: float | None = Field(default=None, gt=0, le=16)
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _whole_gpus(cls, v: float | None) -> float | None:
+        return _check_gpus(v)
 
     @field_validator("revisions")
     @classmethod
@@ -69,6 +76,13 @@ class ModelEntry(_Strict):
     def names(self) -> list[str]:
         """The model names this entry plans: NAME, or NAME@REVISION for each revision."""
         return [self.name] if self.revisions is None else [f"{self.name}@{r}" for r in self.revisions]
+
+
+def _check_gpus(v: float | None) -> float | None:
+    if v is not None and v > 1 and v != int(v):
+        raise ValueError("above 1, a whole number of GPUs (an actor spans whole GPUs); "
+                         "below 1, a share of one GPU")
+    return v
 
 
 class PromptSpec(_Strict):
@@ -205,6 +219,11 @@ class Resources(_Strict):
     cpus_per_actor: int | None = Field(default=None, ge=1, le=1024)
     max_actors: int | None = Field(default=None, ge=1, le=100_000)
 
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        return _check_gpus(v)
+
 
 class EngineSpec(_Strict):
     """How the engine computes, never what: `fused_kl` picks the KL kernel (tasks.kl):
@@ -246,7 +265,7 @@ class SweepSpec(_Strict):
     resources: Resources = Resources()
     lease: LeaseSpec = LeaseSpec()
     engine: EngineSpec = EngineSpec()
-    output: str = "unisweep-out"
+    output: str = "unisweep-out"  # a folder, or s3:// gs:// abfs:// (db.storage)
     database: str | None = None
 
     @model_validator(mode="after")
@@ -341,6 +360,13 @@ class SweepSpec(_Strict):
                     if (name, dt) not in out:
                         out.append((name, dt))
         return out
+
+    def gpus_per_actor(self, model: str) -> float:
+        """GPUs one actor of `model` takes: the model's own setting, else resources'."""
+        for m in self.models:
+            if not isinstance(m, str) and model in (m.name, *m.names()) and m.gpus_per_actor is not None:
+                return m.gpus_per_actor
+        return self.resources.gpus_per_actor
 
     def position_list(self) -> list[int]:
         """Perturbed positions j, sorted."""
@@ -465,6 +491,11 @@ def spec_from_dict(data: Any) -> SweepSpec:
     if not isinstance(data, dict):
         raise InvalidInput("spec", "a YAML mapping with keys " + ", ".join(SweepSpec.model_fields),
                            got=type(data).__name__)
+    if isinstance(data.get("output"), str):
+        # Before pydantic: its error would echo the raw value, and a URL may carry a secret.
+        from db.storage import check_output
+
+        data = {**data, "output": check_output(data["output"])}
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as exc:

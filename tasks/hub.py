@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from tasks.catalog import ALIASES, TINY_FAMILIES
 from tasks.errors import InvalidInput
+from tasks.known_models import ALIASES, TINY_FAMILIES
 
 # One TCP connect, DNS included, to decide that the hub is unreachable.
 REACH_TIMEOUT_S = 1.0

@@ -1,5 +1,7 @@
 """Which model a name means, without loading it: aliases and their files, configs, identities.
 
+The names themselves (aliases, tiny families) are in tasks/known_models.py, below tasks/hub.py.
+
 model_info(name) gives depth, width, context, vocabulary and the identity that goes into unit
 keys from the config or the GGUF header only. Importing this module imports neither torch nor
 transformers: planning a sweep of GGUF models never does; tiny:, shape: and hub names import
@@ -18,10 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tasks.catalog import ALIASES
+from tasks import hub
 from tasks.config_facts import CONFIG_FACTS
 from tasks.errors import InvalidInput, UnisweepError
 from tasks.gguf_header import read_header
+from tasks.hub import ALLOWED
+from tasks.known_models import ALIASES
+from tasks.shapes import shape_config, shape_identity, shape_identity_of  # torch only on use
+from tasks.tiny import tiny_config as tiny_family_config
 
 
 @dataclass(frozen=True)
@@ -107,11 +113,9 @@ def _assemble_gemma3(folder: Path) -> Path:
 
 def tiny_config(family: str) -> Any:
     """The config of tiny:<family> (tasks/tiny.py) with the attention load_model builds."""
-    from transformers import AutoModelForCausalLM  # on use
+    from transformers import AutoModelForCausalLM  # on use: planning never needs it
 
-    from tasks.tiny import tiny_config as build
-
-    cfg = build(family)
+    cfg = tiny_family_config(family)
     # SDPA like real loads take, where the family has it (not Gemma-2's soft-capped attention).
     sdpa = family != "gemma2" and getattr(
         AutoModelForCausalLM._model_mapping[type(cfg)], "_supports_sdpa", False)
@@ -134,7 +138,6 @@ def gguf_identity(path: Path, digest: str) -> dict[str, str]:
 
 
 def unknown_model(name: str, exc: Exception) -> InvalidInput:
-    from tasks.hub import ALLOWED
 
     return InvalidInput("model", ALLOWED, name, detail=str(exc).splitlines()[0][:200])
 
@@ -172,8 +175,6 @@ def model_info(name: str) -> ModelInfo:
         if name.startswith(TINY_PREFIX):
             identity = tiny_identity_of(name[len(TINY_PREFIX):], config_sha256)
         else:
-            from tasks.shapes import shape_identity_of  # torch-free at import
-
             identity = shape_identity_of(name[len("shape:"):], config_sha256)
         return ModelInfo(name=name, model_id=name, n_layers=n_layers, d_model=d_model,
                          max_positions=context, identity=identity, vocab_size=vocab)
@@ -193,8 +194,6 @@ def config_model_info(name: str) -> ModelInfo:
         cfg.dtype = torch.float32
         return _config_info(name, cfg, tiny_identity(family, cfg))
     if name.startswith("shape:"):
-        from tasks.shapes import shape_config, shape_identity  # torch: on use, as above
-
         shape = name[len("shape:"):]
         return _config_info(name, shape_config(shape), shape_identity(shape))
     if name in ALIASES or name.endswith(".gguf"):
@@ -216,7 +215,6 @@ def config_model_info(name: str) -> ModelInfo:
                          vocab_size=None if vocab is None else int(vocab))
     from transformers import AutoConfig  # on use, as above
 
-    from tasks import hub
 
     base, revision = hub.split_revision(name)
     src = hub.resolve(base, revision)  # unknown names fail here, without network retries

@@ -96,16 +96,19 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
     return model, tok, gguf_identity(path, digest)
 
 
-def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device):
+def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device, spread: bool = False):
     """A folder or hub name from the local HF cache, optionally NAME@REVISION (tasks.hub).
 
-    Returns (model, tokenizer or None when the checkpoint has none, identity).
+    Returns (model, tokenizer or None when the checkpoint has none, identity). `spread`:
+    too large for one GPU, accelerate places the blocks over every visible GPU and moves
+    activations between them (device_map="auto"); the first block's GPU is the model's device.
     """
     base, revision = hub.split_revision(name)
     src = hub.resolve(base, revision)  # unknown names fail here, without network retries
     where = dict(revision=src.revision, cache_dir=src.cache_dir, local_files_only=src.local_only)
+    placement = {"device_map": "auto"} if spread else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **where)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=dtype, **where, **placement)
     except (OSError, ValueError) as exc:
         raise unknown_model(name, exc) from exc
     tok = None  # a bare checkpoint (e.g. random-init): the config's special ids are used
@@ -115,18 +118,22 @@ def _load_pretrained(name: str, dtype: torch.dtype, device: torch.device):
         except (OSError, ValueError) as exc:
             raise InvalidInput("model", "a checkpoint whose tokenizer loads", name,
                                detail=str(exc).splitlines()[0][:200]) from exc
-    model.to(device=device).eval()
+    if not spread:
+        model.to(device=device)
+    model.eval()
     return model, tok, hub.identity(base, src, revision)
 
 
 def load_model(name: str, dtype: str = "float32", device: str = "cpu",
-               check: bool = True) -> LoadedModel:
+               check: bool = True, gpus: int = 1) -> LoadedModel:
     """Load a causal LM by alias, tiny:<family>, shape:<name>, hub name, folder or .gguf path.
 
     Hub names and folders may carry a revision, NAME@REVISION (tasks.hub).
 
     With check=True (default) the start-up check runs: the hooked residual stream must equal
     the plain HF forward, or the model is refused (tasks.check.StartupCheckFailed).
+    gpus > 1 on CUDA spreads a hub or folder model over that many visible GPUs
+    (device_map="auto"); the other kinds are small and stay on `device`.
     """
     if not isinstance(name, str) or not name:
         raise InvalidInput("model", "a non-empty model name", name)
@@ -145,7 +152,8 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu",
             if name in ALIASES:
                 identity["alias"] = name
         else:
-            model, tokenizer, identity = _load_pretrained(name, torch_dtype, dev)
+            spread = gpus > 1 and dev.type == "cuda" and torch.cuda.device_count() >= gpus
+            model, tokenizer, identity = _load_pretrained(name, torch_dtype, dev, spread)
         space = (_token_space_from_tokenizer(tokenizer, model.config.vocab_size)
                  if tokenizer is not None else _token_space_from_config(model.config))
     identity["dtype"] = dtype

@@ -51,16 +51,8 @@ def responses_to_table(res, group, grid, e_chunk: slice | None, d_chunk: slice) 
 
     kl_full = np.zeros(shape, dtype=np.float32)
     kl_full[:, :, n_lv - 1] = res.kl.float().cpu().numpy()
-    prompts = np.array([p.id for p in group], dtype=np.int32)
-    kinds = np.array([p.kind for p in group], dtype=object)
-    eps_col = cell_eps[c_ix]
     cols = {
-        "prompt_id": prompts[g_ix],
-        "prompt_kind": kinds[g_ix],
-        "lp": np.full(len(g_ix), res.lp, dtype=np.int16),
-        "j": np.full(len(g_ix), res.j, dtype=np.int32),
-        "eps": pa.array(eps_col, type=pa.float64(), mask=np.isnan(eps_col)),
-        "direction": cell_dir[c_ix],
+        **_cell_columns(res, group, cell_eps, cell_dir, g_ix, c_ix),
         "l": levels[l_ix],
         "i": pos[i_ix],
         "r": r[mask],
@@ -74,6 +66,23 @@ def responses_to_table(res, group, grid, e_chunk: slice | None, d_chunk: slice) 
 def _cells(eps_vals: np.ndarray, dir_idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Cells are eps-major: c = e * D_chunk + d.
     return np.repeat(eps_vals, len(dir_idx)), np.tile(dir_idx, len(eps_vals))
+
+
+def _cell_columns(res, group, cell_eps: np.ndarray, cell_dir: np.ndarray, g_ix: np.ndarray,
+                  c_ix: np.ndarray) -> dict:
+    """The columns that name a cell (prompt, kind, lp, j, eps, direction), per row: shared by
+    the response rows and the per-head rows so both tables key their cells the same way."""
+    prompts = np.array([p.id for p in group], dtype=np.int32)
+    kinds = np.array([p.kind for p in group], dtype=object)
+    eps_col = cell_eps[c_ix]
+    return {
+        "prompt_id": prompts[g_ix],
+        "prompt_kind": kinds[g_ix],
+        "lp": np.full(len(g_ix), res.lp, dtype=np.int16),
+        "j": np.full(len(g_ix), res.j, dtype=np.int32),
+        "eps": pa.array(eps_col, type=pa.float64(), mask=np.isnan(eps_col)),  # NULL = linear
+        "direction": cell_dir[c_ix],
+    }
 
 
 def heads_to_table(res, group, grid, e_chunk: slice | None, d_chunk: slice,
@@ -101,16 +110,8 @@ def heads_to_table(res, group, grid, e_chunk: slice | None, d_chunk: slice,
     mask = keep_l[l_ix] & keep_i[i_ix]
     g_ix, c_ix, l_ix, h_ix, i_ix = (a[mask] for a in (g_ix, c_ix, l_ix, h_ix, i_ix))
     attn = patterns.float().cpu().numpy()[levels[l_ix], g_ix, h_ix, pos[i_ix], res.j]
-    prompts = np.array([p.id for p in group], dtype=np.int32)
-    kinds = np.array([p.kind for p in group], dtype=object)
-    eps_col = cell_eps[c_ix]
     cols = {
-        "prompt_id": prompts[g_ix],
-        "prompt_kind": kinds[g_ix],
-        "lp": np.full(len(g_ix), res.lp, dtype=np.int16),
-        "j": np.full(len(g_ix), res.j, dtype=np.int32),
-        "eps": pa.array(eps_col, type=pa.float64(), mask=np.isnan(eps_col)),
-        "direction": cell_dir[c_ix],
+        **_cell_columns(res, group, cell_eps, cell_dir, g_ix, c_ix),
         "l": levels[l_ix],
         "head": h_ix.astype(np.int16),
         "i": pos[i_ix],

@@ -160,3 +160,16 @@ def check_complete(store: Any, sweep: str, planned_keys: set[str]) -> dict[str, 
         total += t.num_rows
     assert seen == planned_keys
     return {"rows": total, "units": len(rows)}
+
+
+def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """`unisweep ARGV` in this process (no subprocess): exit code, stdout, stderr."""
+    from orchestrator.cli import main
+
+    try:
+        main(list(argv))
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -14,7 +14,7 @@ import db.shards as shards_mod
 import db.store as store_mod
 import tests.fixtures_db as fixtures_db
 from analysis.synthetic import SyntheticSpec, write_synthetic_sweep
-from orchestrator.cli import main
+from tests.orch_helpers import run_main
 
 SPEC = SyntheticSpec(sweep="syn", models=(("synth-a", 8),), T=6, n_prompts=2, lps=(0,),
                      eps=(1e-4, 1e-3, 1e-2, 1e-1), directions=1)
@@ -51,19 +51,10 @@ def sweep_db(request, tmp_path_factory):
         yield url, done_rows, folder
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
 
 def test_query_counts_only_done_shards(sweep_db, capsys):
     url, done_rows, _ = sweep_db
-    code, out, err = _run(capsys, "query", "SELECT count(*) AS n FROM responses",
+    code, out, err = run_main(capsys, "query", "SELECT count(*) AS n FROM responses",
                           "--sweep", "syn", "--db", url, "--format", "json")
     assert code == 0, err
     assert json.loads(out) == [{"n": done_rows}]
@@ -71,7 +62,7 @@ def test_query_counts_only_done_shards(sweep_db, capsys):
 
 def test_query_joins_responses_with_units(sweep_db, capsys):
     url, _, _ = sweep_db
-    code, out, err = _run(capsys, "query",
+    code, out, err = run_main(capsys, "query",
                           "SELECT u.status, count(DISTINCT r.unit_key) AS k, "
                           "sum(u.compute_s) / count(*) AS s FROM responses r "
                           "JOIN units u USING (unit_key) GROUP BY u.status",
@@ -84,11 +75,11 @@ def test_query_joins_responses_with_units(sweep_db, capsys):
 
 def test_query_table_and_parquet_outputs(sweep_db, capsys, tmp_path):
     url, _, _ = sweep_db
-    code, out, _ = _run(capsys, "query", "SELECT offset_class, count(*) AS n FROM responses "
+    code, out, _ = run_main(capsys, "query", "SELECT offset_class, count(*) AS n FROM responses "
                         "GROUP BY ALL ORDER BY ALL", "--db", url)
     assert code == 0 and "induction_T-1" in out and "5 row(s)" in out
     target = tmp_path / "q.parquet"
-    code, _, err = _run(capsys, "query", "SELECT * FROM sweeps", "--db", url,
+    code, _, err = run_main(capsys, "query", "SELECT * FROM sweeps", "--db", url,
                         "--format", "parquet", "-o", str(target))
     assert code == 0, err
     assert pq.read_table(target).column("sweep").to_pylist() == ["syn"]
@@ -102,21 +93,21 @@ def test_query_table_and_parquet_outputs(sweep_db, capsys, tmp_path):
 ])
 def test_query_errors_are_one_line(sweep_db, capsys, sql, needle):
     url, _, _ = sweep_db
-    code, _, err = _run(capsys, "query", sql, "--sweep", "syn", "--db", url)
+    code, _, err = run_main(capsys, "query", sql, "--sweep", "syn", "--db", url)
     assert code == 2
     assert needle.lower() in err.lower() and "Traceback" not in err
 
 
 def test_unknown_sweep_names_the_known_ones(sweep_db, capsys):
     url, _, _ = sweep_db
-    code, _, err = _run(capsys, "query", "SELECT 1", "--sweep", "nope", "--db", url)
+    code, _, err = run_main(capsys, "query", "SELECT 1", "--sweep", "nope", "--db", url)
     assert code == 2 and "sweep" in err and "syn" in err
 
 
 def test_report_end_to_end(sweep_db, capsys):
     url, _, folder = sweep_db
     target = folder / f"report-{abs(hash(url)) % 10**6}"
-    code, out, err = _run(capsys, "report", "syn", "-o", str(target), "--db", url)
+    code, out, err = run_main(capsys, "report", "syn", "-o", str(target), "--db", url)
     assert code == 0, err
     html = (target / "index.html").read_text()
     names = re.findall(r'<img src="([^"]+)"', html)

@@ -67,3 +67,30 @@ def test_structure(cluster: dict) -> None:
     assert "postgresql" not in yaml.safe_dump(cluster).lower()
     assert any("ray start --head" in c for c in cluster["head_start_ray_commands"])
     assert any("$RAY_HEAD_IP" in c for c in cluster["worker_start_ray_commands"])
+
+
+def test_gpu_workers_can_write_the_bucket(cluster: dict) -> None:
+    # Shards go to S3 from the actors: every GPU node needs an instance profile (Ray gives
+    # one only to the head by default), and no shared filesystem is assumed.
+    for name, t in cluster["available_node_types"].items():
+        if t["resources"].get("GPU", 0) >= 1:
+            assert t["node_config"].get("IamInstanceProfile"), name
+
+
+def test_example_cluster_spec_writes_to_s3() -> None:
+    from orchestrator.spec import load_spec
+
+    spec = load_spec(ROOT / "examples" / "cluster.yaml")
+    assert spec.output.startswith("s3://") and spec.database is None  # URL from UNISWEEP_DB
+    assert not spec.resources.cpu_fallback
+    # A model spread over two GPUs fits the 4-GPU node type of cluster.yaml, not the 1-GPU one.
+    assert spec.gpus_per_actor("meta-llama/Llama-3.1-8B") == 2
+    assert spec.gpus_per_actor("gpt2-xl") == 1
+
+
+def test_token_authentication_on_every_node(cluster: dict) -> None:
+    # The launching machine's token reaches every node, and every node starts in token mode.
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [c for c in cluster[key] if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in c for c in starts), key

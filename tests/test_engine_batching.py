@@ -13,7 +13,6 @@ import torch
 
 from tasks import engine
 from tasks.batching import SAFETY, RowModel, pack_positions, rows_per_pass
-from tasks.directions import random_directions
 from tasks.engine import (
     clean_pass,
     compute_responses,
@@ -25,24 +24,17 @@ from tasks.engine import (
 )
 from tasks.errors import InvalidInput
 from tasks.models import load_model
-from tasks.prompts import make_prompts
+from tests.fixtures_models import clean_setup, rel_error
 from tests.reference import naive_cell
 
 EPS = torch.tensor([1e-5, 1e-2, 0.7], dtype=torch.float64)
 SITES = [2, 5, 9, 14]
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
 
 @pytest.fixture(scope="module")
 def setup(tiny_f64):
-    lm = tiny_f64
-    prompts = make_prompts(lm.token_space, T=8, count=1, seed=3)  # repeat + control, n = 17
-    ids = torch.stack([p.input_ids for p in prompts])
-    clean = clean_pass(lm, ids, range(lm.n_layers))
-    return lm, prompts, ids, clean, random_directions(lm.d_model, 2, seed=1)
+    return (tiny_f64, *clean_setup(tiny_f64))
 
 
 def test_batched_positions_equal_per_position_passes_and_the_reference(setup):
@@ -60,19 +52,19 @@ def test_batched_positions_equal_per_position_passes_and_the_reference(setup):
         # Causality inside the shared pass: positions before j are exactly the baseline.
         assert torch.count_nonzero(res.r[..., : j - start]) == 0
         assert torch.count_nonzero(res.kl[..., : j - start]) == 0
-        assert _rel(res.r[..., off + k:], single.r[..., k:]) < 1e-9
-        assert _rel(res.r_attn[..., off + k:], single.r_attn[..., k:]) < 1e-9
-        assert _rel(res.r_mlp[..., off + k:], single.r_mlp[..., k:]) < 1e-9
-        assert _rel(res.kl[..., off + k:], single.kl[..., k:]) < 1e-9
+        assert rel_error(res.r[..., off + k:], single.r[..., k:]) < 1e-9
+        assert rel_error(res.r_attn[..., off + k:], single.r_attn[..., k:]) < 1e-9
+        assert rel_error(res.r_mlp[..., off + k:], single.r_mlp[..., k:]) < 1e-9
+        assert rel_error(res.kl[..., off + k:], single.kl[..., k:]) < 1e-9
     # And against the naive full forward per cell (one cell per site: prompt 1, eps 1e-2).
     for res in batched:
         r, r_attn, r_mlp, kl = naive_cell(lm, ids[1], lp, res.j, float(EPS[1]), dirs[1])
         c = 1 * len(dirs) + 1
         i = res.j - start
-        assert _rel(res.r[1, c, :, i:], r[lp:, res.j:]) < 1e-9
-        assert _rel(res.r_attn[1, c, :, i:], r_attn[lp:, res.j:]) < 1e-9
-        assert _rel(res.r_mlp[1, c, :, i:], r_mlp[lp:, res.j:]) < 1e-9
-        assert _rel(res.kl[1, c, i:], kl[res.j:]) < 1e-6  # the textbook KL cancels a little
+        assert rel_error(res.r[1, c, :, i:], r[lp:, res.j:]) < 1e-9
+        assert rel_error(res.r_attn[1, c, :, i:], r_attn[lp:, res.j:]) < 1e-9
+        assert rel_error(res.r_mlp[1, c, :, i:], r_mlp[lp:, res.j:]) < 1e-9
+        assert rel_error(res.kl[1, c, i:], kl[res.j:]) < 1e-6  # the textbook KL cancels a little
 
 
 def test_batched_linear_sites_equal_single_sites(setup):
@@ -82,8 +74,8 @@ def test_batched_linear_sites_equal_single_sites(setup):
         single = linear_group(lm, clean, 2, res.j, dirs)
         off, k = single.i0 - res.i0, res.j - single.i0
         assert torch.count_nonzero(res.r[..., : res.j - res.i0]) == 0
-        assert _rel(res.r[..., off + k:], single.r[..., k:]) < 1e-9
-        assert _rel(res.kl[..., off + k:], single.kl[..., k:]) < 1e-9
+        assert rel_error(res.r[..., off + k:], single.r[..., k:]) < 1e-9
+        assert rel_error(res.kl[..., off + k:], single.kl[..., k:]) < 1e-9
 
 
 def test_vanishing_eps_is_exactly_zero_in_float32_across_sites(setup):

@@ -9,28 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.directions import random_directions
 from tasks.engine import clean_pass, compute_responses, linear_group, perturb_group
 from tasks.models import load_model
 from tasks.prompts import make_prompts
+from tests.fixtures_models import clean_setup, rel_error
 from tests.reference import naive_cell
 
 EPS = torch.tensor([1e-5, 1e-3, 1e-1, 0.7], dtype=torch.float64)
 
 
-def _rel(a, b):
-    """Normwise relative error: differences measured against the largest reference value
-    (entries far below it carry rounding of the activations they are differences of)."""
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
 
 @pytest.fixture(scope="module")
 def setup(tiny_f64):
-    lm = tiny_f64
-    prompts = make_prompts(lm.token_space, T=8, count=1, seed=3)  # repeat + control, n = 17
-    ids = torch.stack([p.input_ids for p in prompts])
-    clean = clean_pass(lm, ids, range(lm.n_layers))
-    return lm, ids, clean, random_directions(lm.d_model, 2, seed=1)
+    _, ids, clean, dirs = clean_setup(tiny_f64)
+    return tiny_f64, ids, clean, dirs
 
 
 @pytest.mark.parametrize("lp,j", [(0, 0), (0, 5), (2, 9), (3, 16)])
@@ -44,12 +36,12 @@ def test_engine_equals_naive_reference_float64(setup, lp, j):
                 c = e * len(dirs) + d
                 i0 = res.i0  # the pass may start a few clean positions before j
                 assert torch.count_nonzero(res.r[g, c, :, : j - i0]) == 0
-                assert _rel(res.r[g, c, :, j - i0:], r[lp:, j:]) < 1e-9
-                assert _rel(res.r_attn[g, c, :, j - i0:], r_attn[lp:, j:]) < 1e-9
-                assert _rel(res.r_mlp[g, c, :, j - i0:], r_mlp[lp:, j:]) < 1e-9
+                assert rel_error(res.r[g, c, :, j - i0:], r[lp:, j:]) < 1e-9
+                assert rel_error(res.r_attn[g, c, :, j - i0:], r_attn[lp:, j:]) < 1e-9
+                assert rel_error(res.r_mlp[g, c, :, j - i0:], r_mlp[lp:, j:]) < 1e-9
                 if EPS[e] >= 1e-3:
                     # The reference's textbook KL loses digits to cancellation below that.
-                    assert _rel(res.kl[g, c, j - i0:], kl[j:]) < 1e-5
+                    assert rel_error(res.kl[g, c, j - i0:], kl[j:]) < 1e-5
 
 
 def test_causality_zero_before_position_and_layer(setup):
@@ -93,7 +85,7 @@ def test_prefix_reuse_equals_full_pass(setup):
     lp, j = 1, 7
     fast = perturb_group(lm, clean, lp, j, EPS, dirs)
     full = perturb_group(lm, clean, lp, j, EPS, dirs, reuse_prefix=False)
-    assert _rel(fast.r, full.r[:, :, lp:, fast.i0:]) < 1e-9
+    assert rel_error(fast.r, full.r[:, :, lp:, fast.i0:]) < 1e-9
 
 
 def test_linear_response_is_the_small_eps_limit(setup):
@@ -105,12 +97,12 @@ def test_linear_response_is_the_small_eps_limit(setup):
     assert fin.i0 == lin.i0
     chi = fin.r[..., k:] / 1e-6
     # Finite differences at eps = 1e-6 carry O(eps) curvature: 1e-4 is ample and tight.
-    assert _rel(chi, lin.r[..., k:]) < 1e-4
-    assert _rel(fin.r_attn[..., k:] / 1e-6, lin.r_attn[..., k:]) < 1e-4
-    assert _rel(fin.r_mlp[..., k:] / 1e-6, lin.r_mlp[..., k:]) < 1e-4
+    assert rel_error(chi, lin.r[..., k:]) < 1e-4
+    assert rel_error(fin.r_attn[..., k:] / 1e-6, lin.r_attn[..., k:]) < 1e-4
+    assert rel_error(fin.r_mlp[..., k:] / 1e-6, lin.r_mlp[..., k:]) < 1e-4
     # KL / eps^2 -> 1/2 Var_p(dz) of the logit tangent.
     fin2 = perturb_group(lm, clean, lp, j, torch.tensor([1e-4], dtype=torch.float64), dirs)
-    assert _rel(fin2.kl[..., k:] / 1e-8, lin.kl[..., k:]) < 1e-2
+    assert rel_error(fin2.kl[..., k:] / 1e-8, lin.kl[..., k:]) < 1e-2
 
 
 def test_table_layout_and_record_filters(setup):

@@ -23,6 +23,7 @@ from tasks.engine import clean_pass, linear_group, perturb_group
 from tasks.models import load_model
 from tasks.prompts import make_prompts
 from tasks.tiny import TINY
+from tests.fixtures_models import rel_error
 from tests.reference import naive_cell, naive_linear_cell
 
 # family -> (display name, attention section, MLP section, parallel block).
@@ -60,10 +61,6 @@ TOL = 1e-9
 # as the exactness tests pass.
 MEASURED: dict[str, tuple[float, adapters.Adapter]] = {}
 
-
-def _rel(a, b):
-    """Normwise: the largest difference against the largest reference value."""
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 def test_every_tiny_family_has_an_expected_layout():
@@ -104,19 +101,19 @@ def _exactness(name, lm, ids) -> float:
                 assert float(before.abs().sum()) < 1e-12
             else:
                 assert torch.count_nonzero(before) == 0
-            errs = [_rel(res.r[0, e, :, k:], r[lp:, j:]),
-                    _rel(res.r_attn[0, e, :, k:], r_attn[lp:, j:]),
-                    _rel(res.r_mlp[0, e, :, k:], r_mlp[lp:, j:])]
+            errs = [rel_error(res.r[0, e, :, k:], r[lp:, j:]),
+                    rel_error(res.r_attn[0, e, :, k:], r_attn[lp:, j:]),
+                    rel_error(res.r_mlp[0, e, :, k:], r_mlp[lp:, j:])]
             # The reference's textbook KL, sum q (log q - log p), cancels at small changes
             # (1e-9 holds at eps >= 0.1 only); the jvp below checks the small-eps limit.
             if EPS[e] >= 0.1:
-                errs.append(_rel(res.kl[0, e, k:], kl[j:]))
+                errs.append(rel_error(res.kl[0, e, k:], kl[j:]))
             assert max(errs) < TOL, (name, lp, j, float(EPS[e]), errs)
             worst = max(worst, *errs)
         lin = linear_group(lm, clean, lp, j, dirs)
         r, r_attn, r_mlp, kl = naive_linear_cell(lm, ids, lp, j, dirs[0])
-        errs = [_rel(lin.r[0, 0, :, k:], r[lp:, j:]), _rel(lin.r_attn[0, 0, :, k:], r_attn[lp:, j:]),
-                _rel(lin.r_mlp[0, 0, :, k:], r_mlp[lp:, j:]), _rel(lin.kl[0, 0, k:], kl[j:])]
+        errs = [rel_error(lin.r[0, 0, :, k:], r[lp:, j:]), rel_error(lin.r_attn[0, 0, :, k:], r_attn[lp:, j:]),
+                rel_error(lin.r_mlp[0, 0, :, k:], r_mlp[lp:, j:]), rel_error(lin.kl[0, 0, k:], kl[j:])]
         assert max(errs) < TOL, (name, "jvp", lp, j, errs)
         worst = max(worst, *errs)
     return worst

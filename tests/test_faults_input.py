@@ -19,23 +19,12 @@ import yaml
 import db.shards as shards_mod
 import db.store as store_mod
 import tests.fixtures_db as fixtures_db
-from orchestrator.cli import main
 from orchestrator.model_meta import ModelMeta
 from orchestrator.planner import MAX_UNITS, _n_packs, _pack, plan
 from orchestrator.spec import MAX_LIST, load_spec, spec_from_dict
 from tasks.errors import InvalidInput
 from tasks.layout import SHARD_SCHEMA
-from tests.orch_helpers import spec_dict
-
-
-def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from tests.orch_helpers import run_main, spec_dict
 
 
 def _one_line_error(code: int, err: str, *needles: str) -> None:
@@ -142,7 +131,7 @@ def test_cli_bad_spec_files_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     for why, make, field, _ in HOSTILE_SPECS:
         p = tmp_path / f"{why}.yaml"
         p.write_bytes(make(_good_yaml(tmp_path)))
-        code, _, err = _run(capsys, "run", str(p), "--plan-only")
+        code, _, err = run_main(capsys, "run", str(p), "--plan-only")
         _one_line_error(code, err, f"invalid {field}")
     assert not out.exists()  # nothing was created for any of them
 
@@ -155,14 +144,14 @@ def test_output_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     blocker.write_text("not a folder")
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(spec_dict("f", blocker)))
-    code, _, err = _run(capsys, "run", str(p), "--plan-only")
+    code, _, err = run_main(capsys, "run", str(p), "--plan-only")
     _one_line_error(code, err, "invalid output", "existing file")
     p.write_text(yaml.safe_dump(spec_dict("f", blocker / "sub")))
-    code, _, err = _run(capsys, "run", str(p), "--plan-only")
+    code, _, err = run_main(capsys, "run", str(p), "--plan-only")
     _one_line_error(code, err, "invalid output")
     # A SQLite database under a file: the db field, not a traceback.
     p.write_text(yaml.safe_dump(spec_dict("f", tmp_path / "out", database=f"sqlite:///{blocker}/x.db")))
-    code, _, err = _run(capsys, "run", str(p), "--plan-only")
+    code, _, err = run_main(capsys, "run", str(p), "--plan-only")
     _one_line_error(code, err, "invalid db")
     assert blocker.read_text() == "not a folder"
 
@@ -170,7 +159,7 @@ def test_output_that_is_a_file(tmp_path: Path, capsys: pytest.CaptureFixture) ->
 @pytest.mark.parametrize("url", ["postgresql://me:s3cretpw@127.0.0.1:54x2/db",
                                  "postgresql://me:s3cretpw@127.0.0.1:99999/db"])
 def test_db_url_with_bad_port(url: str, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = _run(capsys, "status", "any", "--db", url)
+    code, out, err = run_main(capsys, "status", "any", "--db", url)
     _one_line_error(code, err, "invalid db")
     assert "s3cretpw" not in out + err
 
@@ -179,7 +168,7 @@ def test_ray_address_refused_before_any_write(tmp_path: Path, capsys: pytest.Cap
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(spec_dict("r", tmp_path / "out")))
     t0 = time.perf_counter()
-    code, _, err = _run(capsys, "run", str(p), "--address", "ray://127.0.0.1:1")
+    code, _, err = run_main(capsys, "run", str(p), "--address", "ray://127.0.0.1:1")
     _one_line_error(code, err, "ray://127.0.0.1:1", "cannot connect")
     assert time.perf_counter() - t0 < 30
     assert not (tmp_path / "out").exists()
@@ -242,23 +231,23 @@ def test_explain_analyze_cannot_run_a_write(small_db, capsys, tmp_path: Path) ->
     for sql in (f"EXPLAIN ANALYZE COPY (SELECT 1) TO '{target}'",
                 "EXPLAIN ANALYZE CREATE TABLE t AS SELECT 1",
                 "/* hi */ explain analyze DROP VIEW responses"):
-        code, _, err = _run(capsys, "query", sql, "--db", url)
+        code, _, err = run_main(capsys, "query", sql, "--db", url)
         _one_line_error(code, err, "invalid sql")
     assert not target.exists()
     # EXPLAIN ANALYZE of a query is still allowed, and runs.
-    code, out, err = _run(capsys, "query", "EXPLAIN ANALYZE SELECT count(*) FROM responses", "--db", url)
+    code, out, err = run_main(capsys, "query", "EXPLAIN ANALYZE SELECT count(*) FROM responses", "--db", url)
     assert code == 0, err
 
 
 def test_several_statements_refused(small_db, capsys) -> None:
     url, _ = small_db
-    code, _, err = _run(capsys, "query", "SELECT 1; SELECT 2", "--db", url)
+    code, _, err = run_main(capsys, "query", "SELECT 1; SELECT 2", "--db", url)
     _one_line_error(code, err, "invalid sql", "2 statements")
 
 
 def test_pivot_allowed(small_db, capsys) -> None:
     url, _ = small_db
-    code, out, err = _run(capsys, "query", "PIVOT responses ON prompt_kind USING count(*) GROUP BY unit_key "
+    code, out, err = run_main(capsys, "query", "PIVOT responses ON prompt_kind USING count(*) GROUP BY unit_key "
                           "ORDER BY unit_key", "--db", url, "-f", "json")
     assert code == 0, err
     assert json.loads(out) == [{"unit_key": "u0", "control": 3, "repeat": 3},
@@ -267,7 +256,7 @@ def test_pivot_allowed(small_db, capsys) -> None:
 
 def test_csv_with_a_list_column(small_db, capsys) -> None:
     url, _ = small_db
-    code, out, err = _run(capsys, "query", "SELECT unit_key, list(l ORDER BY l) AS ls FROM responses "
+    code, out, err = run_main(capsys, "query", "SELECT unit_key, list(l ORDER BY l) AS ls FROM responses "
                           "GROUP BY unit_key ORDER BY unit_key", "--db", url, "-f", "csv")
     assert code == 0, err
     assert out.splitlines() == ['"unit_key","ls"', '"u0","[0, 0, 1, 1, 2, 2]"', '"u1","[0, 0, 1, 1, 2, 2]"']
@@ -281,7 +270,7 @@ def test_unwritable_outputs(small_db, capsys, tmp_path: Path) -> None:
                  ("report", "q", "-o", str(blocker / "sub")),
                  ("query", "SELECT 1", "-o", "/proc/unisweep.csv", "-f", "csv"),
                  ("query", "SELECT 1", "-o", str(tmp_path / "no" / "such" / "x.parquet"), "-f", "parquet")):
-        code, _, err = _run(capsys, *argv, "--db", url)
+        code, _, err = run_main(capsys, *argv, "--db", url)
         _one_line_error(code, err, "invalid --output")
 
 
@@ -297,13 +286,13 @@ def test_spec_password_never_stored(tmp_path: Path, capsys: pytest.CaptureFixtur
         with_pw = make_url(url).set(password="s3cretpw").render_as_string(hide_password=False)
         p = tmp_path / "s.yaml"
         p.write_text(yaml.safe_dump(spec_dict("pw", tmp_path / "out", database=with_pw)))
-        code, out, err = _run(capsys, "run", str(p), "--plan-only")
+        code, out, err = run_main(capsys, "run", str(p), "--plan-only")
         assert code == 0, err
         assert "s3cretpw" not in out + err and "UNISWEEP_DB" in out + err
         store = store_mod.connect(url)
         assert "s3cretpw" not in json.dumps(store.get_sweep("pw").spec)
         store.close()
-        code, out, err = _run(capsys, "query", "SELECT spec FROM sweeps", "--db", url, "-f", "json")
+        code, out, err = run_main(capsys, "query", "SELECT spec FROM sweeps", "--db", url, "-f", "json")
         assert code == 0 and "***" in out and "s3cretpw" not in out, out + err
 
 
@@ -362,14 +351,14 @@ def test_corrupted_shard_never_read(db_url: str, tmp_path: Path, capsys, monkeyp
     hashed: list[str] = []
     real_sha = shards_mod.sha256_file
     monkeypatch.setattr(shards_mod, "sha256_file", lambda p, *a: hashed.append(str(p)) or real_sha(p, *a))
-    code, out, err = _run(capsys, "query", "SELECT sum(r) AS s FROM responses", "--db", db_url, "-f", "json")
+    code, out, err = run_main(capsys, "query", "SELECT sum(r) AS s FROM responses", "--db", db_url, "-f", "json")
     assert code == 0, err
     good_sum = json.loads(out)[0]["s"]
     assert sorted(hashed) == sorted(i.path for i in infos.values())
     # Second read: both shards known by (path, size, mtime): nothing hashed again.
     hashed.clear()
     monkeypatch.setattr(shards_mod, "_VERIFIED", set())  # a new process: only the cache file
-    code, out, _ = _run(capsys, "query", "SELECT sum(r) AS s FROM responses", "--db", db_url, "-f", "json")
+    code, out, _ = run_main(capsys, "query", "SELECT sum(r) AS s FROM responses", "--db", db_url, "-f", "json")
     assert code == 0 and json.loads(out)[0]["s"] == good_sum and hashed == []
     # One bit flipped in a data page, the file rewritten with its old mtime: still caught
     # when the cache is cold, and (mtime changed) whenever the file was rewritten normally.
@@ -385,7 +374,7 @@ def test_corrupted_shard_never_read(db_url: str, tmp_path: Path, capsys, monkeyp
             time.sleep(0.01)
             Path(infos["u1"].path).write_bytes(bytes(data))
         for argv in (("query", "SELECT sum(r) AS s FROM responses"), ("report", "c", "-o", str(tmp_path / "rep"))):
-            code, out, err = _run(capsys, *argv, "--db", db_url)
+            code, out, err = run_main(capsys, *argv, "--db", db_url)
             _one_line_error(code, err, "1 of 2 done shards do not match", "sha256")
             assert "s" not in out.strip()
         if not restore_mtime:  # flip it back for the second round
@@ -393,5 +382,5 @@ def test_corrupted_shard_never_read(db_url: str, tmp_path: Path, capsys, monkeyp
             Path(infos["u1"].path).write_bytes(bytes(data))
     # A missing shard: the same refusal, naming it.
     Path(infos["u0"].path).unlink()
-    code, _, err = _run(capsys, "query", "SELECT 1", "--db", db_url)
+    code, _, err = run_main(capsys, "query", "SELECT 1", "--db", db_url)
     _one_line_error(code, err, "missing")

@@ -77,16 +77,19 @@ def _via(url: str, proxy: TcpProxy) -> str:
 
 
 def _unit_runners() -> list[int]:
-    """PIDs of this machine's Ray worker processes running a UnitRunner."""
+    """PIDs of the UnitRunner workers of this module's Ray session only.
+
+    ray.init ran in this process, so its raylet and every worker it forks are descendants of
+    this process; other test runs or helpers on the machine have their own, never touched.
+    """
     out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmd.startswith(b"ray::UnitRunner"):
-                out.append(int(entry.name))
+    for pid in descendants(os.getpid()):
+        try:
+            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmd.startswith(b"ray::UnitRunner"):
+            out.append(pid)
     return out
 
 
@@ -107,6 +110,16 @@ def _exact_rows(store, sweep: str) -> int:  # noqa: ANN001
     return total
 
 
+def _wait_for_unit_runners(timeout_s: float) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        pids = _unit_runners()
+        if pids:
+            return pids
+        time.sleep(0.1)
+    return []
+
+
 @pytest.mark.postgres
 def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
     """Driver SIGKILLs, worker SIGKILLs and database cuts at seeded random moments."""
@@ -114,19 +127,24 @@ def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
     with make_db_url("postgres", tmp_path) as real_url, TcpProxy(make_url(real_url).port or 5432) as proxy:
         db_url = _via(real_url, proxy)
         spec = write_spec(tmp_path / "s.yaml", spec_dict(
-            "faulty", tmp_path / "out", prompts={"T": 4, "count": 3},
+            # 12 prompts x 2 layers x 3 positions = 72 units: at 0.4 s each on 2 actors the sweep
+            # outlasts the first three faults even on an idle machine.
+            "faulty", tmp_path / "out", prompts={"T": 4, "count": 12},
             resources={"cpus_per_actor": 1},
             # Killed workers use attempts; the faults must not exhaust them on an unlucky unit.
             lease={"ttl_s": 3, "heartbeat_s": 0.5, "max_attempts": 20}))
         planned = _planned(spec)
         faults: list[tuple[float, str]] = []
         outputs: list[str] = []
+        # Faults are dealt from a shuffled deck of the three kinds, so every kind is hit within
+        # the first three faults whatever the seed; the moments between them stay random.
+        deck: list[str] = []
         t0 = time.monotonic()
         p = cli("run", str(spec), *_args(address, db_url))
         finished = False
         while time.monotonic() - t0 < FAULT_WINDOW_S:
             try:
-                out, _ = p.communicate(timeout=rng.uniform(4, 12))
+                out, _ = p.communicate(timeout=rng.uniform(2, 6))
                 outputs.append(out)
                 if p.returncode == 0:
                     finished = True
@@ -135,7 +153,9 @@ def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
                 continue
             except subprocess.TimeoutExpired:
                 pass
-            fault = rng.choice(["kill driver", "kill worker", "cut database"])
+            if not deck:
+                deck = rng.sample(["kill driver", "kill worker", "cut database"], 3)
+            fault = deck.pop()
             faults.append((round(time.monotonic() - t0, 1), fault))
             if fault == "kill driver":
                 sigkill(p)
@@ -143,12 +163,16 @@ def test_fault_injection_exact_row_set(address: str, tmp_path: Path) -> None:
                 # `run` again, not `resume`: the first driver may die before it made the sweep.
                 p = cli("run", str(spec), *_args(address, db_url))
             elif fault == "kill worker":
-                pids = _unit_runners()
-                if pids:
-                    os.kill(rng.choice(pids), signal.SIGKILL)
+                # A driver that just started may not have its actors yet: wait for one, and
+                # record the fault as missed (failing the kinds check below) if none came.
+                found = _wait_for_unit_runners(30)
+                if found:
+                    os.kill(rng.choice(found), signal.SIGKILL)
+                else:
+                    faults[-1] = (faults[-1][0], "kill worker: no worker found")
             else:
                 proxy.cut()
-                time.sleep(rng.uniform(2, 8))
+                time.sleep(rng.uniform(2, 6))
                 proxy.restore()
         if not finished:
             out, _ = p.communicate(timeout=300)

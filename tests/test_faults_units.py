@@ -15,11 +15,10 @@ import yaml
 
 import orchestrator.actor as actor_mod
 from orchestrator.actor import UnitRunner, WorkerEnvironmentError
-from orchestrator.cli import main
 from orchestrator.spec import spec_from_dict
 from orchestrator.submit import submit
 from tasks.run_unit import NonFiniteResponse
-from tests.orch_helpers import check_complete, spec_dict, units
+from tests.orch_helpers import check_complete, run_main, spec_dict, units
 
 pytestmark = pytest.mark.slow  # real (tiny) model passes, a few seconds
 
@@ -37,15 +36,6 @@ def _drain(db_url: str, store, sweep: str) -> dict:  # noqa: ANN001
                 counts[k] = counts.get(k, 0) + v
     return counts
 
-
-def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:  # noqa: ANN001
-    try:
-        main(list(argv))
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_same_grid_new_sweep_sees_all_cells_computed_once(db_url: str, tmp_path: Path, capsys) -> None:
@@ -67,11 +57,11 @@ def test_same_grid_new_sweep_sees_all_cells_computed_once(db_url: str, tmp_path:
     assert {r["sweep"] for r in units(store, "grid-b")} == {"grid-b"}
     assert _drain(db_url, store, "grid-b") == {"units": 0}
     check_complete(store, "grid-b", keys_a)
-    code, text, err = _run_cli(capsys, "query", "SELECT count(*) AS n FROM responses", "--sweep",
+    code, text, err = run_main(capsys, "query", "SELECT count(*) AS n FROM responses", "--sweep",
                                "grid-b", "--db", db_url, "-f", "json")
     assert code == 0 and json.loads(text) == [{"n": rows_a}], err
     # Every sweep in one view: the shared shards once, not twice.
-    code, text, err = _run_cli(capsys, "query", "SELECT count(*) AS n FROM responses", "--db", db_url, "-f", "json")
+    code, text, err = run_main(capsys, "query", "SELECT count(*) AS n FROM responses", "--db", db_url, "-f", "json")
     assert code == 0 and json.loads(text) == [{"n": rows_a}], err
     # A wider grid: only the new cells are computed; the old units keep keys and results.
     c = spec_from_dict(spec_dict("grid-c", out, positions=[1, 2, 3, 4]))
@@ -131,15 +121,15 @@ def test_environment_errors_keep_attempts_then_retry(db_url: str, tmp_path: Path
     runner.run()
     rows = units(store, "envfail")
     assert {r["status"] for r in rows} == {"failed"} and {r["attempts"] for r in rows} == {2}
-    code, _, err = _run_cli(capsys, "resume", "envfail", "--db", db_url, "--no-progress")
+    code, _, err = run_main(capsys, "resume", "envfail", "--db", db_url, "--no-progress")
     assert code == 1  # nothing open: failed units are not retried by resume
     # `retry --unit` and `retry --failed` give them fresh attempts.
-    code, _, err = _run_cli(capsys, "retry", "envfail", "--unit", "nope", "--db", db_url, "--no-run")
+    code, _, err = run_main(capsys, "retry", "envfail", "--unit", "nope", "--db", db_url, "--no-run")
     assert code == 2 and "invalid --unit" in err
     first = rows[0]["unit_key"]
-    code, text, err = _run_cli(capsys, "retry", "envfail", "--unit", first, "--db", db_url, "--no-run")
+    code, text, err = run_main(capsys, "retry", "envfail", "--unit", first, "--db", db_url, "--no-run")
     assert code == 0 and "1 units requeued" in text, err
-    code, text, err = _run_cli(capsys, "retry", "envfail", "--failed", "--db", db_url, "--no-run")
+    code, text, err = run_main(capsys, "retry", "envfail", "--failed", "--db", db_url, "--no-run")
     assert code == 0 and f"{len(rows) - 1} units requeued" in text, err
     monkeypatch.undo()
     assert _drain(db_url, store, "envfail")["done"] == len(rows)
@@ -157,11 +147,11 @@ def test_lost_and_changed_shards_recomputed(db_url: str, tmp_path: Path, capsys)
     data = bytearray(Path(rows[1]["result_path"]).read_bytes())
     data[len(data) // 2] ^= 0x10  # a changed one (same size)
     Path(rows[1]["result_path"]).write_bytes(bytes(data))
-    code, text, err = _run_cli(capsys, "status", "lost", "--db", db_url)
+    code, text, err = run_main(capsys, "status", "lost", "--db", db_url)
     assert code == 0 and "1 done units have a missing or changed shard" in text, text + err
     # resume's check (a stat per shard) finds the missing one; --bad-shards also the changed.
     assert _requeue_lost_shards(store, "lost", checksum=False) == 1
-    code, text, err = _run_cli(capsys, "retry", "lost", "--bad-shards", "--db", db_url, "--no-run")
+    code, text, err = run_main(capsys, "retry", "lost", "--bad-shards", "--db", db_url, "--no-run")
     assert code == 0 and "1 units requeued" in text, err
     assert {r["unit_key"] for r in units(store, "lost") if r["status"] == "pending"} == {
         rows[0]["unit_key"], rows[1]["unit_key"]}

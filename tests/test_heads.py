@@ -9,26 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.directions import random_directions
-from tasks.engine import clean_pass, linear_group, perturb_group
+from tasks.engine import linear_group, perturb_group
 from tasks.heads import attention_patterns, default_offsets, head_projection, kept_positions
-from tasks.prompts import make_prompts
+from tests.fixtures_models import clean_setup, rel_error
 from tests.reference import _projection, _run_heads, head_contributions, naive_heads
 
 EPS = torch.tensor([1e-4, 0.3], dtype=torch.float64)
 
 
-def _rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
-
 
 @pytest.fixture(scope="module")
 def setup(tiny_f64):
-    lm = tiny_f64
-    prompts = make_prompts(lm.token_space, T=8, count=1, seed=3)  # repeat + control, n = 17
-    ids = torch.stack([p.input_ids for p in prompts])
-    clean = clean_pass(lm, ids, range(lm.n_layers))
-    return lm, ids, clean, random_directions(lm.d_model, 2, seed=1)
+    _, ids, clean, dirs = clean_setup(tiny_f64)
+    return tiny_f64, ids, clean, dirs
 
 
 @pytest.mark.parametrize("lp,j", [(0, 2), (2, 9)])
@@ -44,9 +37,9 @@ def test_head_responses_equal_naive_reference_float64(setup, lp, j):
             for e in range(len(EPS)):
                 want = naive_heads(lm, ids[g], lp, j, float(EPS[e]), dirs[d])  # [L, H, n]
                 got = res.r_head[g, e * len(dirs) + d]  # [L - lp, H, n - j]
-                assert _rel(got, want[lp:, :, j:]) < 1e-9
+                assert rel_error(got, want[lp:, :, j:]) < 1e-9
             want = naive_heads(lm, ids[g], lp, j, None, dirs[d])
-            assert _rel(lin.r_head[g, d], want[lp:, :, j:]) < 1e-9
+            assert rel_error(lin.r_head[g, d], want[lp:, :, j:]) < 1e-9
             assert float(want[lp:, :, j].min()) > 0  # every head responds at the site itself
 
 
@@ -75,8 +68,8 @@ def test_heads_sum_to_the_attention_output(setup):
             by_reference = head_contributions(proj, z[b], hp.n_heads).sum(1) + bias
             by_engine_split = torch.einsum(
                 "nhk,hkd->nd", z[b].unflatten(-1, (hp.n_heads, hp.head_dim)), hp.per_head) + bias
-            assert _rel(by_reference, attn_out[b]) < 1e-12
-            assert _rel(by_engine_split, attn_out[b]) < 1e-12
+            assert rel_error(by_reference, attn_out[b]) < 1e-12
+            assert rel_error(by_engine_split, attn_out[b]) < 1e-12
             assert torch.equal(proj_out[b], attn_out[b])
             if lm.family in ("gpt2", "llama"):
                 # The adapter's attn_out module is the attention module itself here.

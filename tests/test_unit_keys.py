@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.unit_keys import FIXTURE, all_names, plan_summary
+from tests.unit_keys import FIXTURE, GEMMA3_SPECS, all_names, gemma3_installed, plan_summary
 
 RECORDED = json.loads(FIXTURE.read_text())
 
@@ -17,6 +17,8 @@ def test_fixture_covers_every_recorded_spec() -> None:
 
 @pytest.mark.parametrize("name", all_names())
 def test_plan_reproduces_recorded_unit_keys(name: str) -> None:
+    if name in GEMMA3_SPECS and not gemma3_installed():
+        pytest.skip("Gemma-3-270M weights not installed (unisweep models install gemma3-270m)")
     got = plan_summary(name)
     want = RECORDED[name]
     assert got["first_keys"] == want["first_keys"]

