@@ -501,6 +501,21 @@ def targets(row: dict) -> str:
     return f"{'met' if ok else 'NOT met'} (>= {need:g}x{bound})"
 
 
+def print_limits(ctx: Ctx, axes: dict) -> int:
+    """The FLOP limit of every selected grid, one line per (T, positions, lp set)."""
+    cols = list(itertools.product(axes["eps"], axes["dirs"]))
+    print("FLOP limit = a peer's FLOPs per cell / the engine's (flop_limit); columns: eps x dirs\n"
+          "| T | positions | lps | " + " | ".join(f"{e} x {d}" for e, d in cols) + " |\n"
+          "|---|---|---|" + "---|" * len(cols))
+    for T in axes["T"]:
+        ctx.prompt = make_prompts(ctx.lm.token_space, T=T, count=1, seed=0, kinds=("repeat",))[0]
+        for p, lps in itertools.product(axes["positions"], axes["lps"]):
+            fam = Family(T, p, lps)
+            print(f"| {T} | {p} | {lps} | " + " | ".join(
+                f"{flop_limit(ctx, Variant(fam, e, d)):.2f}x" for e, d in cols) + " |")
+    return 0
+
+
 def render(path: Path) -> int:
     """The table and summary of a --json file, without timing anything."""
     rows = json.loads(path.read_text())["rows"]
@@ -577,6 +592,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (default torch's; 1 wastes less on an oversubscribed machine)")
     ap.add_argument("--json", type=Path, help="also write every number here")
+    ap.add_argument("--limits", action="store_true",
+                    help="print the FLOP limit of every selected grid (from the shapes); time nothing")
     ap.add_argument("--render", type=Path, metavar="JSON",
                     help="print the table of an earlier run's --json file; time nothing")
     args = ap.parse_args(argv)
@@ -603,6 +620,8 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*LanguageModel is deprecated.*")
     lm = load_model(args.model, dtype=args.dtype, check=False)
     ctx = Ctx(lm, None, random_directions(lm.d_model, max(axes["dirs"])), ShapeCost.of(lm), args)
+    if args.limits:
+        return print_limits(ctx, axes)
     makers = {"naive": [Naive], "nnsight": [NnsightCell], "bridge": [Bridge]}
     for key in ("naive", "nnsight", "bridge"):
         if key not in wanted:

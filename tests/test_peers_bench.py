@@ -79,6 +79,18 @@ def test_peers_quick_with_fused_kl_both(tmp_path, monkeypatch, capsys):
         pytest.skip("torch.compile unavailable here: both columns ran the eager KL")
 
 
+def test_peers_limits_table(capsys):
+    """--limits: the FLOP limit of each selected grid, from the shapes, nothing timed."""
+    from bench.peers import main
+
+    assert main(["--model", "tiny:llama", "--limits", "--grids", "T=16,positions=4,eps=1/11,dirs=1"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 16 |")]
+    assert len(lines) == 2  # lp sets {0} and thirds
+    lp0, thirds = ([float(c.strip().rstrip("x")) for c in ln.strip("|").split("|")[3:]] for ln in lines)
+    # More cells share the clean pass; skipping blocks below lp saves more: both raise it.
+    assert 1.0 < lp0[0] < lp0[1] and lp0[1] < thirds[1]
+
+
 def test_peers_bad_grid_selection_exits_2(capsys):
     from bench.peers import main
 
