@@ -513,7 +513,35 @@ def print_limits(ctx: Ctx, axes: dict) -> int:
             fam = Family(T, p, lps)
             print(f"| {T} | {p} | {lps} | " + " | ".join(
                 f"{flop_limit(ctx, Variant(fam, e, d)):.2f}x" for e, d in cols) + " |")
+    print("\nThe engine's passes on each grid (tasks.batching's plan, default budget): passes, "
+          "rows per pass, mean row-positions per pass\n"
+          "| T | positions | lps | " + " | ".join(f"{e} x {d}" for e, d in cols) + " |\n"
+          "|---|---|---|" + "---|" * len(cols))
+    for T in axes["T"]:
+        ctx.prompt = make_prompts(ctx.lm.token_space, T=T, count=1, seed=0, kinds=("repeat",))[0]
+        for p, lps in itertools.product(axes["positions"], axes["lps"]):
+            fam = Family(T, p, lps)
+            print(f"| {T} | {p} | {lps} | " + " | ".join(
+                _passes(ctx, Variant(fam, e, d)) for e, d in cols) + " |")
     return 0
+
+
+def _passes(ctx: Ctx, v: Variant) -> str:
+    """'passes, rows (min-max), mean row-positions' of the engine's plan for this grid."""
+    from tasks.batching import plan_passes, rows_per_pass
+    from tasks.engine import suffix_start
+    from tasks.validation import check_grid
+
+    lm, n = ctx.lm, ctx.prompt.n
+    grid = check_grid(lm, [ctx.prompt], v.family.lp_list(lm.n_layers), v.family.position_list(),
+                      eps_values(v.eps), ctx.dirs_all[:v.dirs], None, None, None)
+    grid.max_rows = rows_per_pass(lm, n, None, False, None).rows
+    start = lambda j: suffix_start(j, n, lm.dtype)  # noqa: E731
+    specs = [s for _lp in grid.lps for s in plan_passes(grid, 1, n, start, "cpu", False)]
+    rows = [1 + len(s.js) * v.eps * v.dirs for s in specs]
+    rp = [r * (n - start(min(s.js))) for r, s in zip(rows, specs)]
+    span = f"{min(rows)}" if min(rows) == max(rows) else f"{min(rows)}-{max(rows)}"
+    return f"{len(specs)}, {span}, {sum(rp) / len(rp):.0f}"
 
 
 def render(path: Path) -> int:
