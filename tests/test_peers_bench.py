@@ -85,10 +85,15 @@ def test_peers_limits_table(capsys):
 
     assert main(["--model", "tiny:llama", "--limits", "--grids", "T=16,positions=4,eps=1/11,dirs=1"]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 16 |")]
-    assert len(lines) == 2  # lp sets {0} and thirds
-    lp0, thirds = ([float(c.strip().rstrip("x")) for c in ln.strip("|").split("|")[3:]] for ln in lines)
+    assert len(lines) == 4  # lp sets {0} and thirds: FLOP limits, then the engine's passes
+    lp0, thirds = ([float(c.strip().rstrip("x")) for c in ln.strip("|").split("|")[3:]]
+                   for ln in lines[:2])
     # More cells share the clean pass; skipping blocks below lp saves more: both raise it.
     assert 1.0 < lp0[0] < lp0[1] and lp0[1] < thirds[1]
+    # Passes: one per lp at least; three lps take three times lp 0's passes.
+    lp0_passes, thirds_passes = ([int(c.split(",")[0]) for c in ln.strip("|").split("|")[3:]]
+                                 for ln in lines[2:])
+    assert all(t == 3 * z >= 3 for z, t in zip(lp0_passes, thirds_passes))
 
 
 def test_peers_bad_grid_selection_exits_2(capsys):
