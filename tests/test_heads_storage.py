@@ -7,6 +7,8 @@ keeping it, and the `heads` view.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
@@ -99,6 +101,35 @@ def test_tampered_head_file_fails_verify_and_gc_keeps_it(sweep):
     finally:
         data[-40] ^= 0xFF
         hp.write_bytes(bytes(data))
+    assert store.verify("hs").problems == []
+
+
+def test_head_file_changed_in_place_with_its_old_mtime_is_caught(sweep, tmp_path, monkeypatch):
+    """One bit of a head_responses file's data flipped, size and mtime kept: `verify` hashes
+    it and names it; a read with a cold cache refuses the sweep. (A warm read-time cache does
+    not hash it again: it keys on sizes and mtimes, the limit shared with shards, README.)"""
+    import db.shards as shards_mod
+
+    store, _, db_url, _ = sweep
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(shards_mod, "_VERIFIED", set())
+    hp = heads_path(store.done_shards("hs")[0].path)
+    st = os.stat(hp)
+    data = bytearray(hp.read_bytes())
+    try:
+        data[len(data) // 3] ^= 0x01  # inside a column chunk, not the footer
+        hp.write_bytes(bytes(data))
+        os.utime(hp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (os.stat(hp).st_size, os.stat(hp).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+        problems = store.verify("hs").problems
+        assert len(problems) == 1
+        assert f"head_responses file {hp.name}: sha256" in problems[0].reason
+        with pytest.raises(shards_mod.ShardMismatch, match=f"head_responses file {hp.name}"):
+            load_sweep("hs", db=db_url)
+    finally:
+        data[len(data) // 3] ^= 0x01
+        hp.write_bytes(bytes(data))
+        os.utime(hp, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert store.verify("hs").problems == []
 
 
