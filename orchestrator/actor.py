@@ -233,6 +233,15 @@ class UnitRunner:
                     break
                 self._stop.wait(self.idle_poll_s)
                 continue
+            if len(leased) > 1 and any(u.attempts > 1 for u in leased):
+                # A retried unit may be one that kills its worker: it runs alone, so that a
+                # crash costs no other unit an attempt. Give the lease back (attempts
+                # restored) and take the next unit on its own.
+                store.release(self.worker_id)
+                leased = store.lease(self.worker_id, 1, self.ttl_s, sweep_id=self.sweep_id,
+                                     group=self.group)
+                if not leased:
+                    continue
             with self._lock:
                 self._current = [u.key for u in leased]
             outcome = self._run_batch(leased, counts)

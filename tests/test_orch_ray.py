@@ -157,7 +157,10 @@ def test_kill_actor_mid_unit(ray_delay: str, tmp_path: Path) -> None:
 
     from db.store import connect
 
-    d = spec_dict("killactor", tmp_path / "out")
+    # One unit per lease, so that exactly one unit is in flight when the actor dies (with
+    # lease.batch k, every unit the actor holds counts the attempt).
+    d = spec_dict("killactor", tmp_path / "out", lease={"ttl_s": 3, "heartbeat_s": 0.5,
+                                                        "max_attempts": 3, "batch": 1})
     spec = spec_from_dict(d)
     store, plan, _ = submit(spec, db_url)
     keys = {u.key for u in plan.units}

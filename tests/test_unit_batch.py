@@ -209,3 +209,32 @@ def test_lease_batch_is_validated(tmp_path: Path) -> None:
             spec_from_dict(d)
         assert ei.value.field == "lease.batch"
     assert spec_from_dict(spec_dict("v", tmp_path / "out", lease={})).lease.batch == 8
+
+
+def test_retried_units_run_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Units whose worker died (lease expired) come back one at a time: a unit that kills
+    its worker must not take the units leased beside it down again."""
+    import time
+
+    db_url = f"sqlite:///{tmp_path / 'r.db'}"
+    d = spec_dict("retried", tmp_path / "out", lease={"ttl_s": 30, "heartbeat_s": 5,
+                                                      "max_attempts": 3, "batch": 4})
+    store, the_plan, _ = submit(spec_from_dict(d), db_url)
+    info = store.get_sweep("retried")
+    group = the_plan.units[0].group
+    dead = store.lease("dead-worker", 4, 0.2, sweep_id=info.id, group=group)  # then it "dies"
+    assert len(dead) == 4
+    time.sleep(0.5)
+    calls = _count_engine_calls(monkeypatch)
+    runner = UnitRunner(db_url, info.id, "retried", group, info.output_dir, ttl_s=30,
+                        heartbeat_s=5, max_attempts=3, threads=1, batch=4)
+    assert runner.run()["done"] == 12
+    check_complete(store, "retried", {u.key for u in the_plan.units})
+    attempts = {r["unit_key"]: r["attempts"] for r in units(store, "retried")}
+    retried = {u.key for u in dead}
+    assert {attempts[k] for k in retried} == {2} and {
+        v for k, v in attempts.items() if k not in retried} == {1}
+    # The 4 retried units (prompt 0: lp 0 at j 1, 2, 3 and lp 1 at j 1) ran one per call.
+    singles = [c for c in calls if len(c[0]) == 1 and len(c[1]) == 1]
+    assert len(singles) >= 4 and len(calls) < 12
+    store.close()
