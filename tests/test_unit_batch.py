@@ -238,3 +238,31 @@ def test_retried_units_run_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     singles = [c for c in calls if len(c[0]) == 1 and len(c[1]) == 1]
     assert len(singles) >= 4 and len(calls) < 12
     store.close()
+
+
+def test_full_disk_gives_the_whole_batch_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import orchestrator.actor as actor_mod
+    from orchestrator.actor import WorkerEnvironmentError
+
+    monkeypatch.setattr(actor_mod, "ENV_BACKOFF_S", 0.01)
+    db_url = f"sqlite:///{tmp_path / 'd.db'}"
+    d = spec_dict("diskfull", tmp_path / "out", lease={"ttl_s": 30, "heartbeat_s": 5,
+                                                       "max_attempts": 2, "batch": 4})
+    store, the_plan, _ = submit(spec_from_dict(d), db_url)
+    info = store.get_sweep("diskfull")
+
+    def disk_full(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(actor_mod, "write_shard", disk_full)
+    runner = UnitRunner(db_url, info.id, "diskfull", the_plan.units[0].group, info.output_dir,
+                        ttl_s=30, heartbeat_s=5, max_attempts=2, threads=1, batch=4)
+    with pytest.raises(WorkerEnvironmentError, match="3 units in a row failed on this machine"):
+        runner.run()
+    rows = units(store, "diskfull")
+    assert {r["status"] for r in rows} == {"pending"} and {r["attempts"] for r in rows} == {0}
+    assert sum(bool(r["error"]) for r in rows) == 1  # the first unit, tried 3 times
+    assert store.leased_by(runner.worker_id) == []
+    store.close()
