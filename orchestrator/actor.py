@@ -23,6 +23,7 @@ import torch
 from db.shards import write_shard
 from db.store import connect
 from tasks.errors import UnisweepError, is_environment_error
+from tasks.kl import set_fused_kl_mode
 from tasks.models import load_model
 from tasks.run_unit import run_unit, run_unit_tables, run_units
 from tasks.work import UnitWork
@@ -47,7 +48,7 @@ class UnitRunner:
                  *, ttl_s: float = 60.0, heartbeat_s: float = 10.0, max_attempts: int = 3,
                  device: str | None = None, threads: int | None = None,
                  idle_poll_s: float = 0.5, gpus: float = 0.0, env_ref: Any = None,
-                 batch: int = 1) -> None:
+                 batch: int = 1, fused_kl: str = "off") -> None:
         # env_ref: [ObjectRef of {name: value}] from the driver (database URL, HF_TOKEN, AWS_*),
         # set into this process's environment before the database, the hub or the object
         # store is touched; a one-element list so that Ray hands over the reference only.
@@ -62,6 +63,7 @@ class UnitRunner:
         self.batch = max(1, int(batch))  # units per lease (spec lease.batch)
         self.threads = threads
         self.gpus = gpus  # GPUs Ray gave this actor: more than one spreads the model over them
+        self.fused_kl = fused_kl  # the spec's engine.fused_kl, applied when the model loads
         self.device = device or _default_device()
         self.worker_id = new_worker_id()
         self._store: Any = None
@@ -121,6 +123,7 @@ class UnitRunner:
                 torch.set_num_threads(self.threads)  # the CPUs Ray gave this actor, no more
             self._lm = load_model(work.run.model, dtype=work.dtype, device=self.device,
                                   gpus=max(1, int(self.gpus)))
+            set_fused_kl_mode(self.fused_kl, self._lm.device)
             store = self._get_store()
             store.register_worker(self.worker_id, socket.gethostname(), self.device, work.run.model_id)
         return self._lm

@@ -225,6 +225,14 @@ class Resources(_Strict):
         return _check_gpus(v)
 
 
+class EngineSpec(_Strict):
+    """How the engine computes, never what: `fused_kl` picks the KL kernel (tasks.kl):
+    "auto" compiles it once a long run has done enough KL work to pay for it, "on" at start
+    (eager if its accuracy gate fails), "off" never."""
+
+    fused_kl: Literal["auto", "on", "off"] = "auto"
+
+
 class LeaseSpec(_Strict):
     """The database queue: lease time-to-live, heartbeat period, attempts before `failed`,
     and units a worker leases at once (`batch`)."""
@@ -262,6 +270,7 @@ class SweepSpec(_Strict):
     cells_per_unit: int = Field(default=256, ge=1, le=10_000_000)
     resources: Resources = Resources()
     lease: LeaseSpec = LeaseSpec()
+    engine: EngineSpec = EngineSpec()
     output: str = "unisweep-out"  # a folder, or s3:// gs:// abfs:// (db.storage)
     database: str | None = None
 
