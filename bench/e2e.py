@@ -45,6 +45,8 @@ def grid(args: argparse.Namespace, out: Path, batch: int = 1) -> dict:
         "cells_per_unit": args.cells_per_unit,
         "resources": {"cpu_actors": 1},
         "lease": {"ttl_s": 120, "heartbeat_s": 10, "max_attempts": 2, "batch": batch},
+        # The engine alone below runs in the same KL mode as the workers.
+        "engine": {"fused_kl": args.fused_kl},
         "output": str(out),
     }
 
@@ -53,6 +55,7 @@ def engine_only(spec, n_threads: int, device: str = "cpu") -> dict:
     """The whole grid in one compute_responses call per prompt id (the engine's best case)."""
     from tasks.directions import random_directions
     from tasks.engine import compute_responses
+    from tasks.kl import set_fused_kl_mode
     from tasks.models import load_model
     from tasks.prompts import make_prompts
 
@@ -60,6 +63,7 @@ def engine_only(spec, n_threads: int, device: str = "cpu") -> dict:
     name, dtype = spec.model_dtypes()[0]
     t0 = time.perf_counter()
     lm = load_model(name, dtype=dtype, device=device)
+    set_fused_kl_mode(spec.engine.fused_kl, lm.device)
     load_s = time.perf_counter() - t0
     prompts = make_prompts(lm.token_space, T=spec.prompts.T, count=spec.prompts.count,
                            seed=spec.prompts.seed, kinds=tuple(spec.prompts.kinds),
@@ -160,6 +164,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8],
                     help="lease.batch values to compare (units leased and computed together)")
+    ap.add_argument("--fused-kl", default="off", choices=["auto", "on", "off"],
+                    help="engine.fused_kl, for the workers and the engine alone alike")
     ap.add_argument("--rounds", type=int, default=1, help="end-to-end runs per batch value")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     ap.add_argument("--output", help="where the shards go (default: a temporary folder); "
