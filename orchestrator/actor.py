@@ -1,7 +1,10 @@
 """The worker: one process that owns one loaded model and runs units pulled from the database.
 
 `UnitRunner` is a plain class (testable without Ray); `SweepActor` is the same as a Ray actor.
-Per unit: lease -> tasks.run_unit (the science) -> shard -> complete; heartbeats meanwhile.
+Per lease: up to `batch` units of the group -> tasks.run_unit.run_units (the science; units
+that differ only in lp and positions share one engine call, so their positions share passes)
+-> per unit: shard -> complete (or fail), so each unit is still done exactly once on its own.
+Heartbeats cover every unit held meanwhile.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch
 from db.shards import write_shard
 from db.store import connect
 from tasks.errors import UnisweepError, is_environment_error
+from tasks.kl import set_fused_kl_mode
 from tasks.models import load_model
-from tasks.run_unit import run_unit, run_unit_tables
+from tasks.run_unit import run_unit, run_unit_tables, run_units
 from tasks.work import UnitWork
 
 # Consecutive units failed by the machine (disk full, read-only) before a worker gives up.
@@ -43,7 +47,8 @@ class UnitRunner:
     def __init__(self, db_url: str | None, sweep_id: Any, sweep: str, group: str, output_dir: str,
                  *, ttl_s: float = 60.0, heartbeat_s: float = 10.0, max_attempts: int = 3,
                  device: str | None = None, threads: int | None = None,
-                 idle_poll_s: float = 0.5, gpus: float = 0.0, env_ref: Any = None) -> None:
+                 idle_poll_s: float = 0.5, gpus: float = 0.0, env_ref: Any = None,
+                 batch: int = 1, fused_kl: str = "off") -> None:
         # env_ref: [ObjectRef of {name: value}] from the driver (database URL, HF_TOKEN, AWS_*),
         # set into this process's environment before the database, the hub or the object
         # store is touched; a one-element list so that Ray hands over the reference only.
@@ -55,8 +60,10 @@ class UnitRunner:
         self.output_dir = output_dir
         self.ttl_s, self.heartbeat_s, self.max_attempts = ttl_s, heartbeat_s, max_attempts
         self.idle_poll_s = idle_poll_s
+        self.batch = max(1, int(batch))  # units per lease (spec lease.batch)
         self.threads = threads
         self.gpus = gpus  # GPUs Ray gave this actor: more than one spreads the model over them
+        self.fused_kl = fused_kl  # the spec's engine.fused_kl, applied when the model loads
         self.device = device or _default_device()
         self.worker_id = new_worker_id()
         self._store: Any = None
@@ -116,6 +123,7 @@ class UnitRunner:
                 torch.set_num_threads(self.threads)  # the CPUs Ray gave this actor, no more
             self._lm = load_model(work.run.model, dtype=work.dtype, device=self.device,
                                   gpus=max(1, int(self.gpus)))
+            set_fused_kl_mode(self.fused_kl, self._lm.device)
             store = self._get_store()
             store.register_worker(self.worker_id, socket.gethostname(), self.device, work.run.model_id)
         return self._lm
@@ -132,16 +140,36 @@ class UnitRunner:
         work = UnitWork.from_json(params)
         return run_unit_tables(self._model(work), work, sweep=self.sweep, unit_key=key)
 
-    def _run_one(self, unit: Any) -> str:
+    def compute_units_tables(self, units: list[Any]) -> list[Any]:
+        """compute_unit_tables of each leased unit, in order: (table, head table) or the
+        exception that stopped it. Several units go through tasks.run_units (shared engine
+        calls, one unit at a time if a merged call fails); one goes through
+        compute_unit_tables. This is what the run loop calls for every lease."""
+        if len(units) == 1:
+            try:
+                return [self.compute_unit_tables(units[0].key, units[0].params)]
+            except Exception as exc:  # noqa: BLE001 (recorded against the unit)
+                return [exc]
+        try:
+            works = [UnitWork.from_json(u.params) for u in units]
+            lm = self._model(works[0])
+        except Exception as exc:  # noqa: BLE001 (bad params, a model that will not load)
+            return [exc] * len(units)
+        return run_units(lm, works, sweep=self.sweep, unit_keys=[u.key for u in units])
+
+    def _finish_one(self, unit: Any, result: Any, compute_s: float) -> str:
+        """Write one unit's shard and complete it, or record its failure; the outcome."""
         store = self._get_store()
         t0 = time.perf_counter()
         try:
-            table, head_table = self.compute_unit_tables(unit.key, unit.params)
+            if isinstance(result, BaseException):
+                raise result
+            table, head_table = result
             info = write_shard(table, self.output_dir, self.sweep, unit.key, heads=head_table)
         except Exception as exc:  # noqa: BLE001 (any failure of a unit is recorded, the sweep goes on)
             msg = f"{type(exc).__name__}: {exc}"
             if not isinstance(exc, UnisweepError):
-                msg += "\n" + "".join(traceback.format_exc(limit=-3))
+                msg += "\n" + "".join(traceback.format_exception(exc, limit=-3))
             # A full or read-only disk is the machine's fault: the unit keeps its attempts
             # and this worker backs off (run()); a NaN or a bad input uses one.
             environment = is_environment_error(exc)
@@ -152,7 +180,28 @@ class UnitRunner:
                 return "environment"
             return str(outcome)
         self._env_errors.clear()
-        return str(store.complete(unit.key, self.worker_id, info, time.perf_counter() - t0))
+        return str(store.complete(unit.key, self.worker_id, info,
+                                  compute_s + time.perf_counter() - t0))
+
+    def _run_batch(self, units: list[Any], counts: dict[str, Any]) -> str | None:
+        """Compute the leased units together, then finish each; the last outcome. After an
+        environment failure the units not yet written go back (their attempts returned)."""
+        t0 = time.perf_counter()
+        results = self.compute_units_tables(units)
+        # compute_s per unit: the shared compute split by cells (what the unit cost).
+        cells = [max(1, int(u.n_cells or 0)) for u in units]
+        share = (time.perf_counter() - t0) / sum(cells)
+        outcome = None
+        for n, (unit, result) in enumerate(zip(units, results, strict=True)):
+            outcome = self._finish_one(unit, result, share * cells[n])
+            with self._lock:
+                self._current = [k for k in self._current if k != unit.key]
+            counts["units"] += 1
+            counts[outcome] = counts.get(outcome, 0) + 1
+            if outcome == "environment" and n + 1 < len(units):
+                self._get_store().release(self.worker_id)
+                break
+        return outcome
 
     # ---- the loop ----
 
@@ -179,21 +228,28 @@ class UnitRunner:
         store = self._get_store()
         counts: dict[str, Any] = {"worker_id": self.worker_id, "units": 0}
         while not self._stop.is_set() and (max_units is None or counts["units"] < max_units):
-            leased = store.lease(self.worker_id, 1, self.ttl_s, sweep_id=self.sweep_id,
+            want = self.batch if max_units is None else min(self.batch, max_units - counts["units"])
+            leased = store.lease(self.worker_id, want, self.ttl_s, sweep_id=self.sweep_id,
                                  group=self.group)
             if not leased:
                 if store.group_finished(self.sweep_id, self.group):
                     break
                 self._stop.wait(self.idle_poll_s)
                 continue
-            unit = leased[0]
+            if len(leased) > 1 and any(u.attempts > 1 for u in leased):
+                # A retried unit may be one that kills its worker: it runs alone, so that a
+                # crash costs no other unit an attempt. Give the lease back (attempts
+                # restored) and take the next unit on its own.
+                store.release(self.worker_id)
+                leased = store.lease(self.worker_id, 1, self.ttl_s, sweep_id=self.sweep_id,
+                                     group=self.group)
+                if not leased:
+                    continue
             with self._lock:
-                self._current = [unit.key]
-            outcome = self._run_one(unit)
+                self._current = [u.key for u in leased]
+            outcome = self._run_batch(leased, counts)
             with self._lock:
                 self._current = []
-            counts["units"] += 1
-            counts[outcome] = counts.get(outcome, 0) + 1
             if outcome == "environment":
                 if len(self._env_errors) >= ENV_ERRORS_BEFORE_STOP:
                     # The same machine problem every time: stop and say it, leaving the

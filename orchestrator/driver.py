@@ -130,7 +130,7 @@ class Driver:
         actors = [cls.options(**(gpu_actor_options(node, need) if node else ap.options)).remote(
             None, self.info.id, self.sweep, g, self.info.output_dir,  # the db URL: in the env
             ttl_s=L.ttl_s, heartbeat_s=L.heartbeat_s, max_attempts=L.max_attempts,
-            threads=ap.threads, gpus=need,
+            batch=L.batch, threads=ap.threads, gpus=need, fused_kl=self.spec.engine.fused_kl,
             env_ref=[self._env_ref],  # nested: Ray passes the reference, never the value
         ) for g, node, need in placed]
         ids = ray.get([a.get_worker_id.remote() for a in actors], timeout=600)

@@ -225,12 +225,26 @@ class Resources(_Strict):
         return _check_gpus(v)
 
 
+class EngineSpec(_Strict):
+    """How the engine computes, never what: `fused_kl` picks the KL kernel (tasks.kl):
+    "auto" compiles it once a long run has done enough KL work to pay for it, "on" at start
+    (eager if its accuracy gate fails), "off" never."""
+
+    fused_kl: Literal["auto", "on", "off"] = "auto"
+
+
 class LeaseSpec(_Strict):
-    """The database queue: lease time-to-live, heartbeat period, attempts before `failed`."""
+    """The database queue: lease time-to-live, heartbeat period, attempts before `failed`,
+    and units a worker leases at once (`batch`)."""
 
     ttl_s: float = Field(default=60.0, gt=0, le=86_400)
     heartbeat_s: float = Field(default=10.0, gt=0, le=3_600)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    # Units a worker leases and computes together: those differing only in lp and positions
+    # share engine calls, so their positions share passes (tasks.run_units); each is still
+    # written and completed on its own. 1: one unit at a time. Larger batches make fewer,
+    # longer leases, so near a sweep's end fewer workers share the last units.
+    batch: int = Field(default=8, ge=1, le=1_000)
 
     @model_validator(mode="after")
     def _heartbeat_below_ttl(self) -> LeaseSpec:
@@ -256,6 +270,7 @@ class SweepSpec(_Strict):
     cells_per_unit: int = Field(default=256, ge=1, le=10_000_000)
     resources: Resources = Resources()
     lease: LeaseSpec = LeaseSpec()
+    engine: EngineSpec = EngineSpec()
     output: str = "unisweep-out"  # a folder, or s3:// gs:// abfs:// (db.storage)
     database: str | None = None
 

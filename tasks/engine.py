@@ -66,24 +66,60 @@ class CleanState:
 
 
 @torch.no_grad()
-def clean_pass(lm: LoadedModel, input_ids: torch.Tensor, levels: Sequence[int]) -> CleanState:
+def clean_pass(lm: LoadedModel, input_ids: torch.Tensor, levels: Sequence[int],
+               prefix: int | None = None) -> CleanState:
+    """The clean stream's KV cache and block inputs at `levels`.
+
+    prefix: the most clean positions any suffix pass will take from the cache (its largest
+    start). The cache is then complete for positions < prefix only; beyond it, the forward
+    runs just the blocks below max(levels), which is all the residuals at `levels` need (for
+    levels {0}: the embeddings alone). None: every block on every position.
+    """
+    model, ad = lm.model, lm.adapter
+    n = input_ids.shape[1]
+    top = max(levels)
+    if prefix is None or prefix >= n:
+        cache, parts = _clean_forward(lm, input_ids, levels, None, 0, len(ad.block_list(model)))
+        resid = parts
+    else:
+        cache, resid = DynamicCache(), {}
+        if prefix > 0:
+            cache, resid = _clean_forward(lm, input_ids[:, :prefix], levels, cache, 0,
+                                          len(ad.block_list(model)))
+        cache, rest = _clean_forward(lm, input_ids[:, prefix:], levels, cache, prefix, top)
+        resid = {lvl: torch.cat([resid[lvl], rest[lvl]], 1) if lvl in resid else rest[lvl]
+                 for lvl in rest}
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return CleanState(input_ids, keys, values, resid)
+
+
+def _clean_forward(lm: LoadedModel, ids: torch.Tensor, levels: Sequence[int], cache, start: int,
+                   n_blocks: int):
+    """Forward ids (positions start..) after `cache`, running blocks 0..n_blocks-1 only (the
+    rest pass their input through, and leave their cache alone); (cache, block inputs)."""
     model, ad = lm.model, lm.adapter
     blocks = ad.block_list(model)
     resid: dict[int, torch.Tensor] = {}
-    handles = []
+    handles, skipped = [], []
     for lvl in set(levels):
         def grab(_mod, args, kwargs, lvl=lvl):
             resid[lvl] = _hidden_arg(args, kwargs).detach()
         handles.append(blocks[lvl].register_forward_pre_hook(grab, with_kwargs=True))
-    cache = DynamicCache()
+    for b in range(n_blocks, len(blocks)):
+        blocks[b].forward = ad.passthrough
+        skipped.append(blocks[b])
+    cache = cache if cache is not None else DynamicCache()
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device).unsqueeze(0)
     try:
-        ad.base(model)(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        ad.base(model)(input_ids=ids, past_key_values=cache, position_ids=positions,
+                       use_cache=True)
     finally:
         for h in handles:
             h.remove()
-    keys = [layer.keys for layer in cache.layers]
-    values = [layer.values for layer in cache.layers]
-    return CleanState(input_ids, keys, values, resid)
+        for blk in skipped:
+            del blk.forward
+    return cache, resid
 
 
 def _hidden_arg(args, kwargs) -> torch.Tensor:
@@ -451,15 +487,20 @@ def compute_tables(lm: LoadedModel, prompts: Sequence[Prompt], lps: Sequence[int
     for group in grid.prompt_groups():
         ids = torch.stack([p.input_ids for p in group]).to(lm.device)
         n = ids.shape[1]
-        clean = clean_pass(lm, ids, grid.lps)
-        patterns = attention_patterns(lm, ids) if heads else None
 
         def start_of(j: int, n=n) -> int:
             return suffix_start(j, n, lm.dtype)
 
+        specs = {lp: list(plan_passes(grid, len(group), n, start_of, lm.device.type, linear,
+                                      batch_positions)) for lp in grid.lps}
+        # The cache is read only before each pass's start: the clean pass runs every block
+        # up to the last start, and beyond it only what the residuals at the lps need.
+        prefix = max(start_of(min(spec.js)) for lp_specs in specs.values() for spec in lp_specs)
+        clean = clean_pass(lm, ids, grid.lps, prefix)
+        patterns = attention_patterns(lm, ids) if heads else None
+
         for lp in grid.lps:
-            for spec in plan_passes(grid, len(group), n, start_of, lm.device.type, linear,
-                                    batch_positions):
+            for spec in specs[lp]:
                 d_sel = grid.directions[spec.d_chunk]
                 if spec.e_chunk is None:
                     results = linear_sites(lm, clean, lp, spec.js, d_sel, kl=kl,

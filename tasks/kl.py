@@ -2,15 +2,26 @@
 
 KL(softmax(z + dz) || softmax(z)) from the clean distribution p and the change dz, in one
 expm1 and a few elementwise passes (eager), or one fused kernel (torch.compile) that is used
-only after it has matched a 50-digit reference at eps 1e-5..1 on this machine.
+only after it has matched a 50-digit reference at eps 1e-5..1 on this machine. This module
+also owns the process-wide switch between the two (`set_fused_kl_mode`: the spec's
+`engine.fused_kl`), and the on-disk record of the gate's verdict per torch version and CPU.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
-import warnings
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _fused = None  # the compiled kernel once it has passed the check
 
@@ -25,8 +36,20 @@ def kl_from_logit_change(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
     are O(G^2) = O(x^4): small changes keep their digits. Rows with a large change (G > 1,
     or an overflow) take the plain log-probability form, finite where p underflows to 0.
     """
+    global _fused
     p = p.reshape(p.shape[-2:])
-    kl, G = (_fused or _kl_small)(p, dz)
+    if _fused is None:
+        _count_eager(dz.numel())
+    kl = G = None
+    if _fused is not None:
+        try:
+            kl, G = _fused(p, dz)
+        except Exception as exc:  # noqa: BLE001 (a compile failure at first use: stay eager)
+            _fused = None
+            log.warning("fused KL off: the compiled kernel failed at first use (%s: %s); "
+                        "eager KL from now on", type(exc).__name__, exc)
+    if kl is None:
+        kl, G = _kl_small(p, dz)
     big = ~torch.isfinite(kl) | (G > 1.0)
     if bool(big.any()):
         kl[big] = _kl_plain(p.expand_as(dz)[big], dz[big])
@@ -129,25 +152,149 @@ def kl_accuracy_errors(fn, dtype: torch.dtype, device: str | torch.device = "cpu
 
 
 def use_fused_kl(enable: bool = True, dtypes=(torch.float32, torch.float64),
-                 device: str | torch.device = "cpu") -> bool:
+                 device: str | torch.device = "cpu", cache: Path | None | bool = None) -> bool:
     """Switch the fused (torch.compile) KL on if it compiles and meets kl_tolerance in every
-    dtype on this device; off otherwise (with a warning saying why). Returns the state."""
+    dtype on this device; off otherwise (one log line saying why). Returns the state.
+
+    The gate's verdict is kept in `cache` (default gate_cache_path(); False: no record) per
+    torch version, CPU and device, so a process that finds a pass there only compiles (at
+    first use; torch's own cache makes that quick) and one that finds a failure stays eager.
+    """
     global _fused
     _fused = None
     if not enable:
         return False
+    path = gate_cache_path() if cache is None else (cache or None)
+    key = _gate_key(dtypes, device)
+    known = _read_gate(path, key)
+    if known is not None and not known["passed"]:
+        log.warning("fused KL off: %s (gate result cached in %s)", known["why"], path)
+        return False
+    kernel = torch.compile(_kl_small_fusable, dynamic=True)
+    if known is None:
+        t0 = time.perf_counter()
+        why = _gate(kernel, dtypes, device)
+        _write_gate(path, key, why, time.perf_counter() - t0)
+        if why:
+            log.warning("fused KL off: %s; eager KL", why)
+            return False
+    _fused = kernel
+    return True
+
+
+def _gate(kernel, dtypes, device) -> str | None:
+    """Why the compiled kernel may not be used here, or None when it passes."""
     try:
-        kernel = torch.compile(_kl_small_fusable, dynamic=True)
         for dtype in dtypes:
             errors = kl_accuracy_errors(lambda p, dz, k=kernel: k(p, dz)[0], dtype, device)
             worst = max(errors, key=lambda e: errors[e] / kl_tolerance(dtype, e))
             if errors[worst] > kl_tolerance(dtype, worst):
-                warnings.warn(f"fused KL off: {dtype} error {errors[worst]:.2g} at eps "
-                              f"{worst:g} exceeds {kl_tolerance(dtype, worst):g}", stacklevel=2)
-                return False
+                return (f"{dtype} error {errors[worst]:.2g} at eps {worst:g} exceeds "
+                        f"{kl_tolerance(dtype, worst):g}")
     except Exception as exc:  # noqa: BLE001 (no compiler, unsupported backend: stay eager)
-        warnings.warn(f"fused KL off: torch.compile failed ({type(exc).__name__}: {exc})",
-                      stacklevel=2)
-        return False
-    _fused = kernel
-    return True
+        return f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The process-wide mode (spec `engine.fused_kl`): off, on (gate now), auto.
+
+FUSED_KL_MODES = ("auto", "on", "off")
+# auto switches the fused kernel on once this process has put this many vocabulary-wide
+# elements through the eager KL: by then the eager KL has taken about as long as a compile
+# and gate (measured idle: gate 28 s, eager 13 ns and fused 6 ns per element, bench/kl.py),
+# so a long run pays the compile once and a short one (a test, a small sweep) never does.
+AUTO_AFTER_ELEMENTS = 2_000_000_000
+_mode = "off"
+_device: str | torch.device = "cpu"
+_eager_elements = 0
+
+
+def set_fused_kl_mode(mode: str, device: str | torch.device = "cpu") -> bool:
+    """Set how this process computes the KL: "off" (eager), "on" (compile and gate now, eager
+    if that fails), "auto" (as on, once the eager KL has done AUTO_AFTER_ELEMENTS of work, and
+    only where a C++ compiler exists). Returns whether the fused kernel is on now."""
+    global _mode, _device, _eager_elements
+    if mode not in FUSED_KL_MODES:
+        raise ValueError(f"fused_kl must be one of {', '.join(FUSED_KL_MODES)}, got {mode!r}")
+    _mode, _device, _eager_elements = mode, device, 0
+    if mode == "on":
+        return use_fused_kl(True, device=device)
+    if mode == "auto" and not has_compiler(device):
+        log.info("fused KL: auto stays eager (no C++ compiler for torch.compile)")
+        _mode = "off"
+    return use_fused_kl(False)
+
+
+def has_compiler(device: str | torch.device = "cpu") -> bool:
+    """Whether torch.compile can build kernels here: a C++ compiler on the CPU (inductor's
+    CXX, else c++/g++/clang++ on PATH); CUDA builds with Triton, which torch brings."""
+    if torch.device(device).type == "cuda":
+        return True
+    names = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    return any(name and shutil.which(name) for name in names)
+
+
+def _count_eager(elements: int) -> None:
+    global _eager_elements, _mode
+    if _mode != "auto":
+        return
+    _eager_elements += elements
+    if _eager_elements >= AUTO_AFTER_ELEMENTS:
+        _mode = "on"  # decided: gate once, whatever it says
+        log.info("fused KL: auto switching on after %.1e eager elements", _eager_elements)
+        use_fused_kl(True, device=_device)
+
+
+# ---------------------------------------------------------------------------------------------
+# The gate's verdict on disk.
+
+
+def gate_cache_path() -> Path:
+    root = Path(os.environ.get("UNISWEEP_CACHE", Path.home() / ".cache" / "unisweep"))
+    return root / "fused_kl_gate.json"
+
+
+def _gate_key(dtypes, device) -> str:
+    """torch version, CPU model, device and dtypes: what the gate's verdict depends on."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        where = torch.cuda.get_device_name(dev)
+    else:
+        where = platform.machine()
+        try:
+            with open("/proc/cpuinfo") as fh:
+                where += " " + next((ln.split(":", 1)[1].strip() for ln in fh
+                                     if ln.startswith("model name")), "")
+        except OSError:
+            pass
+    names = ",".join(str(d).removeprefix("torch.") for d in dtypes)
+    return f"torch {torch.__version__} | {dev.type} {where} | {names}"
+
+
+def _read_gate(path: Path | None, key: str) -> dict | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None  # absent or unreadable: gate again
+
+
+def _write_gate(path: Path | None, key: str, why: str | None, secs: float) -> None:
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            table = json.loads(path.read_text())
+        except (OSError, ValueError):
+            table = {}
+        table[key] = {"passed": why is None, "why": why or "", "gate_s": round(secs, 1)}
+        # Written whole and renamed: concurrent actors never read half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(table, fh, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.info("fused KL: gate result not cached (%s)", exc)

@@ -108,6 +108,29 @@ def test_sweep_resubmit_and_widen(ray_delay: str, db_url: str, tmp_path: Path) -
     store.close()
 
 
+def test_batched_leases_exact_rows(ray_delay: str, tmp_path: Path) -> None:
+    """lease.batch 5 on 2 actors: every unit done once, each shard exactly the rows (and,
+    in float64, the values to 1e-9) that one unit computed alone gives."""
+    import pyarrow.parquet as pq
+
+    from tasks.models import load_model
+    from tasks.run_unit import run_unit_tables
+    from tasks.work import UnitWork
+    from tests.test_unit_batch import SORT, _same
+
+    db_url = f"sqlite:///{tmp_path / 'b.db'}"
+    d = spec_dict("rbatch", tmp_path / "out", dtype="float64",
+                  lease={"ttl_s": 30, "heartbeat_s": 1, "max_attempts": 2, "batch": 5})
+    store, summary, keys = _run(d, db_url, actors=2)
+    assert summary.counts["done"] == 12 and check_complete(store, "rbatch", keys)["units"] == 12
+    lm = load_model("tiny:llama", dtype="float64", check=False)
+    for r in units(store, "rbatch"):
+        work = UnitWork.from_json(json.loads(r["params"]))
+        _same(run_unit_tables(lm, work, sweep="rbatch", unit_key=r["unit_key"])[0],
+              pq.read_table(r["result_path"]), SORT)
+    store.close()
+
+
 def test_nan_response_fails_unit(ray_delay: str, db_url: str, tmp_path: Path) -> None:
     # eps = 1e30 overflows the residual stream: the responses are NaN and must never be data.
     d = spec_dict("nan", tmp_path / "out", eps=[1e-2, 1e30], linear=False, cells_per_unit=4,
@@ -134,7 +157,10 @@ def test_kill_actor_mid_unit(ray_delay: str, tmp_path: Path) -> None:
 
     from db.store import connect
 
-    d = spec_dict("killactor", tmp_path / "out")
+    # One unit per lease, so that exactly one unit is in flight when the actor dies (with
+    # lease.batch k, every unit the actor holds counts the attempt).
+    d = spec_dict("killactor", tmp_path / "out", lease={"ttl_s": 3, "heartbeat_s": 0.5,
+                                                        "max_attempts": 3, "batch": 1})
     spec = spec_from_dict(d)
     store, plan, _ = submit(spec, db_url)
     keys = {u.key for u in plan.units}

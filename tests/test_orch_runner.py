@@ -43,9 +43,9 @@ def test_runner_drains_its_group(tmp_path: Path) -> None:
 
 
 def test_fault_hook_patches_the_worker_in_a_new_process() -> None:
-    code = "import orchestrator.actor as a; print(a.UnitRunner.compute_unit_tables.__name__)"
+    code = "import orchestrator.actor as a; print(a.UnitRunner.compute_units_tables.__name__)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(FAULT_SITE), str(ROOT)])}
-    for delay, name in (("0.5", "slow_compute_unit_tables"), ("", "compute_unit_tables")):
+    for delay, name in (("0.5", "slow_compute_units_tables"), ("", "compute_units_tables")):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                              check=True, env={**env, UNIT_DELAY_ENV: delay})
         assert out.stdout.strip() == name

@@ -60,6 +60,7 @@ BAD_SPECS = [
     ("bad sweep name", {"name": "my sweep!"}, "name", "pattern"),
     ("cells_per_unit zero", {"cells_per_unit": 0}, "cells_per_unit", "greater than or equal to 1"),
     ("gpus per actor zero", {"resources": {"gpus_per_actor": 0}}, "resources.gpus_per_actor", "greater than 0"),
+    ("unknown fused_kl mode", {"engine": {"fused_kl": "maybe"}}, "engine.fused_kl", "'auto'"),
 ]
 
 

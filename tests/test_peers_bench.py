@@ -52,12 +52,57 @@ def test_peers_quick_all_peers(tmp_path):
                 ("naive", "nnsight_cell", "nnsight_batched", "bridge"))
 
 
+def test_peers_quick_with_fused_kl_both(tmp_path, monkeypatch, capsys):
+    """--fused-kl both: the engine with the compiled KL, and with the eager KL interleaved."""
+    from bench.peers import main
+    from tasks import kl as klmod
+
+    monkeypatch.setenv("UNISWEEP_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "peers.json"
+    try:
+        assert main(["--model", "tiny:llama", "--quick", "--peers", "naive", "--fused-kl", "both",
+                     "--json", str(out)]) == 0
+        fused_on = klmod._fused is not None
+    finally:
+        klmod.set_fused_kl_mode("off")
+    rows = json.loads(out.read_text())["rows"]
+    for r in rows:
+        (rep,) = r["reps"]
+        assert rep["engine_eager"] > 0 and "engine_pp" not in rep
+        assert r["fused_gain"] == pytest.approx(rep["engine"] / rep["engine_eager"])
+    # --render prints the same table from the file, timing nothing.
+    assert main(["--render", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "engine, eager KL" in printed and "issue 19 target met on" in printed
+    assert f"{rows[1]['engine']:.2f}" in printed
+    if not fused_on:
+        pytest.skip("torch.compile unavailable here: both columns ran the eager KL")
+
+
+def test_peers_limits_table(capsys):
+    """--limits: the FLOP limit of each selected grid, from the shapes, nothing timed."""
+    from bench.peers import main
+
+    assert main(["--model", "tiny:llama", "--limits", "--grids", "T=16,positions=4,eps=1/11,dirs=1"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 16 |")]
+    assert len(lines) == 4  # lp sets {0} and thirds: FLOP limits, then the engine's passes
+    lp0, thirds = ([float(c.strip().rstrip("x")) for c in ln.strip("|").split("|")[3:]]
+                   for ln in lines[:2])
+    # More cells share the clean pass; skipping blocks below lp saves more: both raise it.
+    assert 1.0 < lp0[0] < lp0[1] and lp0[1] < thirds[1]
+    # Passes: one per lp at least; three lps take three times lp 0's passes.
+    lp0_passes, thirds_passes = ([int(c.split(",")[0]) for c in ln.strip("|").split("|")[3:]]
+                                 for ln in lines[2:])
+    assert all(t == 3 * z >= 3 for z, t in zip(lp0_passes, thirds_passes))
+
+
 def test_peers_bad_grid_selection_exits_2(capsys):
     from bench.peers import main
 
     for argv, says in ((["--grids", "eps=5"], "--grids: eps must be among 1/4/11, got '5'"),
                        (["--grids", "layers=0"], "--grids: 'layers=0'"),
-                       (["--peers", "naive,pyvene"], "--peers: 'pyvene'")):
+                       (["--peers", "naive,pyvene"], "--peers: 'pyvene'"),
+                       (["--render", "/nonexistent/peers.json"], "--render: no such file")):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2 and says in capsys.readouterr().err

@@ -20,14 +20,15 @@ UNIT_DELAY_ENV = "UNISWEEP_TEST_UNIT_DELAY_S"
 
 
 def _patch(module: Any, delay_s: float) -> None:
-    # compute_unit_tables is what the worker's run loop calls for every unit.
-    original = module.UnitRunner.compute_unit_tables
+    # compute_units_tables is what the worker's run loop calls for every lease (one or
+    # several units): delay_s per unit it holds.
+    original = module.UnitRunner.compute_units_tables
 
-    def slow_compute_unit_tables(self: Any, key: str, params: dict[str, Any]) -> Any:
-        time.sleep(delay_s)
-        return original(self, key, params)
+    def slow_compute_units_tables(self: Any, units: list[Any]) -> Any:
+        time.sleep(delay_s * len(units))
+        return original(self, units)
 
-    module.UnitRunner.compute_unit_tables = slow_compute_unit_tables
+    module.UnitRunner.compute_units_tables = slow_compute_units_tables
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
