@@ -5,10 +5,13 @@ The SmolLM2 grid of bench/engine.py (T = 16, 9 eps x 1 direction, 1 repeat promp
 busy), finite eps and linear response each, runs alternated so that load changes hit both
 sides alike. Heads at the default offsets (0, 1..3, T-1, T), and with --all-offsets at every
 offset too. Wall time and this process's CPU time are both reported; on a shared machine
-the CPU-time ratio is the steadier one.
+the CPU-time ratio is the steadier one. Each (lp set, kind) first runs every mode once
+untimed (first-call costs: allocator, autograd's forward-mode setup), then alternates the
+modes in ABBA order (off, heads, heads, off, ...) so that neither side always runs first;
+with --raw every timed run is printed with the load average beside it.
 
     python bench/heads.py [--model smollm2-135m] [--T 16] [--repeats 3] [--positions 1,9]
-                          [--lp-sets '0;L/3'] [--all-offsets]
+                          [--lp-sets '0;L/3'] [--all-offsets] [--raw]
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ from tasks.models import load_model
 from tasks.prompts import make_prompts
 
 
+def _once(lm, prompts, lps, positions, eps, dirs, linear, offsets, mode) -> tuple[float, float]:
+    """One compute_tables call of the grid: (wall s, this process's CPU s)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    compute_tables(lm, prompts, lps, positions, eps, dirs, linear=linear, heads=mode != "off",
+                   head_offsets=offsets if mode == "default" else None)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -37,6 +48,7 @@ def main() -> None:
     ap.add_argument("--all-offsets", action="store_true", help="also time heads at every offset")
     ap.add_argument("--lp-sets", default="0;L/3", help="'0' and/or 'L/3' (lp in 0, L/3, 2L/3), "
                     "separated by ';'")
+    ap.add_argument("--raw", action="store_true", help="print every timed run")
     args = ap.parse_args()
     lm = load_model(args.model, dtype="float32")
     L = lm.n_layers
@@ -51,8 +63,8 @@ def main() -> None:
     modes = ["off", "default"] + (["all"] if args.all_offsets else [])
     print(f"positions {positions}")
     print("| lp set | kind | cells | s/cell no heads (wall) | s/cell heads (wall) | wall ratio | "
-          "CPU-time ratio | all offsets: CPU-time ratio | load average (1 min) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "wall ratio of sums | CPU-time ratio | all offsets: CPU-time ratio | load average (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     lp_sets = {"0": [0], "L/3": [0, L // 3, 2 * L // 3]}
     for lps in (lp_sets[k] for k in args.lp_sets.split(";")):
         for kind in ("finite", "linear"):
@@ -60,14 +72,20 @@ def main() -> None:
             cells = len(lps) * len(positions) * (len(e) or 1) * len(dirs)
             wall: dict[str, list[float]] = {m: [] for m in modes}
             cpu: dict[str, list[float]] = {m: [] for m in modes}
-            for _ in range(args.repeats):
-                for mode in modes:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    compute_tables(lm, prompts, lps, positions, e, dirs, linear=kind == "linear",
-                                   heads=mode != "off",
-                                   head_offsets=offsets if mode == "default" else None)
-                    wall[mode].append(time.perf_counter() - t0)
-                    cpu[mode].append(time.process_time() - c0)
+            grid = (lm, prompts, lps, positions, e, dirs, kind == "linear", offsets)
+
+            for mode in modes:  # untimed: first-call costs must not land on one side
+                _once(*grid, mode)
+            for r in range(args.repeats):
+                # ABBA: the pair's first run alternates, so a drift in load or a slow first
+                # run of a pair does not always hit the same side.
+                for mode in (modes if r % 2 == 0 else modes[::-1]):
+                    w, c = _once(*grid, mode)
+                    wall[mode].append(w)
+                    cpu[mode].append(c)
+                    if args.raw:
+                        print(f"  raw: {lps} {kind} repeat {r} {mode}: wall {w:.2f} s, "
+                              f"CPU {c:.2f} s, load {os.getloadavg()[0]:.1f}", flush=True)
 
             def ratio(t: dict[str, list[float]], mode: str) -> str:
                 # Ratios of runs made back to back, then their median.
@@ -77,6 +95,7 @@ def main() -> None:
 
             print(f"| {lps} | {kind} | {cells} | {min(wall['off']) / cells:.4f} | "
                   f"{min(wall['default']) / cells:.4f} | {ratio(wall, 'default')} | "
+                  f"{sum(wall['default']) / sum(wall['off']):.3f} | "
                   f"{ratio(cpu, 'default')} | {ratio(cpu, 'all')} | {os.getloadavg()[0]:.1f} |",
                   flush=True)
 
