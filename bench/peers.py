@@ -49,8 +49,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from bench.paper_scale import ShapeCost, grid_flops  # noqa: E402
-from tasks.directions import random_directions  # noqa: E402
 from tasks import kl as klmod  # noqa: E402
+from tasks.directions import random_directions  # noqa: E402
 from tasks.engine import compute_responses  # noqa: E402
 from tasks.models import load_model  # noqa: E402
 from tasks.prompts import make_prompts  # noqa: E402
