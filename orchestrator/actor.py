@@ -20,6 +20,8 @@ from typing import Any
 import pyarrow as pa
 import torch
 
+from db.retry import Resilient
+from db.session import DatabaseError
 from db.shards import write_shard
 from db.store import connect
 from tasks.errors import UnisweepError, is_environment_error
@@ -90,8 +92,6 @@ class UnitRunner:
 
     def _get_store(self) -> Any:
         if self._store is None:
-            from db.retry import Resilient
-
             # Every call rides out a database outage (bounded); past it, run() stops.
             self._store = Resilient(Resilient(None).run(connect, self.db_url))
         return self._store
@@ -213,8 +213,6 @@ class UnitRunner:
         Raises WorkerEnvironmentError (one line, picklable for Ray) when the database stays
         unreachable past its outage budget or the machine keeps failing units.
         """
-        from db.session import DatabaseError
-
         try:
             return self._run(max_units)
         except DatabaseError as exc:

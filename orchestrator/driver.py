@@ -19,6 +19,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
+from db.retry import Resilient
 from orchestrator.actor import make_actor_class
 from orchestrator.placement import (
     ActorPlan,
@@ -82,7 +83,6 @@ class Driver:
                  address: str | None = None, ship: bool = True, actors: int | None = None,
                  progress: bool = True, poll_s: float = 0.5,
                  max_actor_deaths: int = 5, on_progress: Callable[[Any], None] | None = None) -> None:
-        from db.retry import Resilient
 
         # Every database call rides out an outage (bounded); past it, DatabaseUnavailable.
         store = store if isinstance(store, Resilient) else Resilient(store)

@@ -6,10 +6,11 @@ in as few engine calls as possible), writes what it returns.
 
 from __future__ import annotations
 
+from dataclasses import replace
+from functools import partial
+
 import pyarrow as pa
 import pyarrow.compute as pc
-
-from dataclasses import replace
 
 from tasks.directions import unit_directions
 from tasks.engine import compute_tables
@@ -181,11 +182,16 @@ def run_units(lm: LoadedModel, works: list[UnitWork], *, sweep: str,
             continue
         for i in idxs:
             w = works[i]
-            out[i] = _attempt(lambda w=w, i=i: _finish(
-                lm, w, prompts, _own_rows(table, w),
-                None if head_table is None else _own_rows(head_table, w),
-                sweep=sweep, unit_key=keys[i]))
+            out[i] = _attempt(partial(_finish_own, lm, w, prompts, table, head_table,
+                                      sweep=sweep, unit_key=keys[i]))
     return out  # type: ignore[return-value]
+
+
+def _finish_own(lm: LoadedModel, w: UnitWork, prompts, table: pa.Table,  # noqa: ANN001
+                head_table: pa.Table | None, *, sweep: str, unit_key: str):  # noqa: ANN202
+    """One unit's share of a merged call: its own rows, then run_unit's checks on them."""
+    own_heads = None if head_table is None else _own_rows(head_table, w)
+    return _finish(lm, w, prompts, _own_rows(table, w), own_heads, sweep=sweep, unit_key=unit_key)
 
 
 def _attempt(fn):  # noqa: ANN001, ANN202
