@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,31 @@ def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
         code = int(exc.code or 0)
     out, err = capsys.readouterr()
     return code, out, err
+
+
+@contextmanager
+def simulated_cluster(tmp: Path, head: dict[str, Any], nodes: list[dict[str, Any]]) -> Iterator[tuple[Any, list[Any]]]:
+    """A `ray.cluster_utils.Cluster` (head + `nodes`, e.g. {"num_cpus": 1, "num_gpus": 4}) with
+    this process connected to it; HOME and PYTHONPATH as start_ray sets them, restored after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    global _HOME
+    if _HOME is None:
+        _HOME = tmp / "home"
+        _HOME.mkdir(parents=True, exist_ok=True)
+    home_before = os.environ.get("HOME")
+    os.environ["HOME"] = str(_HOME)
+    pp = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), pp) if p)
+    cluster = Cluster(initialize_head=True, head_node_args=head)
+    added = [cluster.add_node(**n) for n in nodes]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster, added
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if home_before is not None:
+            os.environ["HOME"] = home_before

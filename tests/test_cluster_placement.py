@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.placement import GpuLedger, Node, check_fits, slots_per_node
 from tasks.errors import UnisweepError
-from tests.orch_helpers import ROOT, check_complete, spec_dict, units
+from tests.orch_helpers import check_complete, simulated_cluster, spec_dict, units
 
 SMALL, BIG = Node("one-gpu", 1), Node("four-gpu", 4)
 
@@ -56,30 +56,10 @@ def test_a_model_that_fits_no_node_names_itself() -> None:
 
 @pytest.fixture(scope="module")
 def mixed_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from tests import orch_helpers
-
-    tmp = tmp_path_factory.mktemp("mixed")
-    if orch_helpers._HOME is None:
-        orch_helpers._HOME = tmp / "home"
-        orch_helpers._HOME.mkdir()
-    home_before = os.environ.get("HOME")
-    os.environ["HOME"] = str(orch_helpers._HOME)
-    pp = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), pp) if p)
     ray_tmp = Path("/tmp") / f"usm{os.getpid()}"  # short: Ray's socket paths have a length limit
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "temp_dir": str(ray_tmp)})
-    small = cluster.add_node(num_cpus=2, num_gpus=1)
-    big = cluster.add_node(num_cpus=5, num_gpus=4)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield {"one-gpu": small.node_id, "four-gpu": big.node_id, "temp_dir": str(ray_tmp)}
-    ray.shutdown()
-    cluster.shutdown()
-    if home_before is not None:
-        os.environ["HOME"] = home_before
+    with simulated_cluster(tmp_path_factory.mktemp("mixed"), {"num_cpus": 1, "temp_dir": str(ray_tmp)},
+                           [{"num_cpus": 2, "num_gpus": 1}, {"num_cpus": 5, "num_gpus": 4}]) as (_, (small, big)):
+        yield {"one-gpu": small.node_id, "four-gpu": big.node_id, "temp_dir": str(ray_tmp)}
 
 
 def _run(name: str, tmp_path: Path, models: list, monkeypatch: pytest.MonkeyPatch,

@@ -6,7 +6,6 @@ the CPU there (FACTS.md), which exercises placement and the GPU branch of the dr
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,35 +13,16 @@ import pytest
 
 from orchestrator.driver import Driver, actor_plan, submit
 from orchestrator.spec import spec_from_dict
-from tests.orch_helpers import ROOT, check_complete, spec_dict, units
+from tests.orch_helpers import check_complete, simulated_cluster, spec_dict, units
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    import ray
-    from ray.cluster_utils import Cluster
-
-    from tests import orch_helpers
-
-    tmp = tmp_path_factory.mktemp("cluster")
-    if orch_helpers._HOME is None:
-        orch_helpers._HOME = tmp / "home"
-        orch_helpers._HOME.mkdir()
-    home_before = os.environ.get("HOME")
-    os.environ["HOME"] = str(orch_helpers._HOME)
-    pp = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), pp) if p)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster, nodes
-    ray.shutdown()
-    cluster.shutdown()
-    if home_before is not None:
-        os.environ["HOME"] = home_before
+    with simulated_cluster(tmp_path_factory.mktemp("cluster"), {"num_cpus": 1},
+                           [{"num_cpus": 1, "num_gpus": 1}] * 2) as (cluster, nodes):
+        yield cluster, nodes
 
 
 def test_one_actor_per_gpu_across_nodes(gpu_cluster: object, tmp_path: Path) -> None:
