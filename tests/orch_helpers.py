@@ -35,6 +35,22 @@ _HOME: Path | None = None
 _HOME_BEFORE: str | None = None
 
 
+def _enter_ray_env(tmp: Path, paths: tuple[Path, ...]) -> str | None:
+    """Set HOME and PYTHONPATH (`paths` first) for a Ray session started by this process;
+    returns the HOME to restore afterwards."""
+    global _HOME
+    # One HOME per test process: Ray caches that it made ~/.ray/auth_token, so a second
+    # session under another HOME finds no token and its GCS refuses to start.
+    if _HOME is None:
+        _HOME = tmp / "home"
+        _HOME.mkdir(parents=True, exist_ok=True)
+    home_before = os.environ.get("HOME")
+    os.environ["HOME"] = str(_HOME)
+    pp = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (*map(str, paths), pp) if p)
+    return home_before
+
+
 def start_ray(tmp: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -> str:
     """A Ray session for one test module, isolated HOME (Ray 2.60 writes ~/.ray/auth_token).
 
@@ -43,17 +59,9 @@ def start_ray(tmp: Path, num_cpus: int = 2, env: dict[str, str] | None = None) -
     """
     import ray
 
-    global _HOME, _HOME_BEFORE
-    # One HOME per test process: Ray caches that it made ~/.ray/auth_token, so a second
-    # session under another HOME finds no token and its GCS refuses to start.
-    if _HOME is None:
-        _HOME = tmp / "home"
-        _HOME.mkdir(parents=True, exist_ok=True)
-    _HOME_BEFORE = os.environ.get("HOME")
-    os.environ["HOME"] = str(_HOME)
-    pp = os.environ.get("PYTHONPATH", "")
+    global _HOME_BEFORE
     # FAULT_SITE first: its sitecustomize injects the faults that `env` asks for (UNIT_DELAY_ENV).
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULT_SITE), str(ROOT), pp) if p)
+    _HOME_BEFORE = _enter_ray_env(tmp, (FAULT_SITE, ROOT))
     for k, v in (env or {}).items():
         os.environ[k] = v
     ray.init(num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(tmp / "ray"),
@@ -183,14 +191,7 @@ def simulated_cluster(tmp: Path, head: dict[str, Any], nodes: list[dict[str, Any
     import ray
     from ray.cluster_utils import Cluster
 
-    global _HOME
-    if _HOME is None:
-        _HOME = tmp / "home"
-        _HOME.mkdir(parents=True, exist_ok=True)
-    home_before = os.environ.get("HOME")
-    os.environ["HOME"] = str(_HOME)
-    pp = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), pp) if p)
+    home_before = _enter_ray_env(tmp, (ROOT,))
     cluster = Cluster(initialize_head=True, head_node_args=head)
     added = [cluster.add_node(**n) for n in nodes]
     cluster.wait_for_nodes()
