@@ -38,6 +38,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -505,27 +506,24 @@ def targets(row: dict) -> str:
 
 
 def print_limits(ctx: Ctx, axes: dict) -> int:
-    """The FLOP limit of every selected grid, one line per (T, positions, lp set)."""
+    """The FLOP limit of every selected grid, then the engine's passes on it: one line per
+    (T, positions, lp set), one column per (eps, dirs)."""
     cols = list(itertools.product(axes["eps"], axes["dirs"]))
-    print("FLOP limit = a peer's FLOPs per cell / the engine's (flop_limit); columns: eps x dirs\n"
-          "| T | positions | lps | " + " | ".join(f"{e} x {d}" for e, d in cols) + " |\n"
-          "|---|---|---|" + "---|" * len(cols))
-    for T in axes["T"]:
-        ctx.prompt = make_prompts(ctx.lm.token_space, T=T, count=1, seed=0, kinds=("repeat",))[0]
-        for p, lps in itertools.product(axes["positions"], axes["lps"]):
-            fam = Family(T, p, lps)
-            print(f"| {T} | {p} | {lps} | " + " | ".join(
-                f"{flop_limit(ctx, Variant(fam, e, d)):.2f}x" for e, d in cols) + " |")
-    print("\nThe engine's passes on each grid (tasks.batching's plan, default budget): passes, "
-          "rows per pass, mean row-positions per pass\n"
-          "| T | positions | lps | " + " | ".join(f"{e} x {d}" for e, d in cols) + " |\n"
-          "|---|---|---|" + "---|" * len(cols))
-    for T in axes["T"]:
-        ctx.prompt = make_prompts(ctx.lm.token_space, T=T, count=1, seed=0, kinds=("repeat",))[0]
-        for p, lps in itertools.product(axes["positions"], axes["lps"]):
-            fam = Family(T, p, lps)
-            print(f"| {T} | {p} | {lps} | " + " | ".join(
-                _passes(ctx, Variant(fam, e, d)) for e, d in cols) + " |")
+
+    def table(title: str, cell: Callable[[Variant], str]) -> None:
+        print(title + "\n| T | positions | lps | " + " | ".join(f"{e} x {d}" for e, d in cols)
+              + " |\n|---|---|---|" + "---|" * len(cols))
+        for T in axes["T"]:
+            ctx.prompt = make_prompts(ctx.lm.token_space, T=T, count=1, seed=0, kinds=("repeat",))[0]
+            for p, lps in itertools.product(axes["positions"], axes["lps"]):
+                fam = Family(T, p, lps)
+                print(f"| {T} | {p} | {lps} | "
+                      + " | ".join(cell(Variant(fam, e, d)) for e, d in cols) + " |")
+
+    table("FLOP limit = a peer's FLOPs per cell / the engine's (flop_limit); columns: eps x dirs",
+          lambda v: f"{flop_limit(ctx, v):.2f}x")
+    table("\nThe engine's passes on each grid (tasks.batching's plan, default budget): passes, "
+          "rows per pass, mean row-positions per pass", lambda v: _passes(ctx, v))
     return 0
 
 
