@@ -165,10 +165,13 @@ def run_units(lm: LoadedModel, works: list[UnitWork], *, sweep: str,
     """
     keys = unit_keys or [w.key() for w in works]
     out: list[tuple[pa.Table, pa.Table | None] | Exception | None] = [None] * len(works)
+
+    def alone(i: int) -> tuple[pa.Table, pa.Table | None] | Exception:
+        return _attempt(partial(run_unit_tables, lm, works[i], sweep=sweep, unit_key=keys[i]))
+
     for idxs, lps, positions in plan_calls(works):
         if len(idxs) == 1:
-            i = idxs[0]
-            out[i] = _attempt(lambda i=i: run_unit_tables(lm, works[i], sweep=sweep, unit_key=keys[i]))
+            out[idxs[0]] = alone(idxs[0])
             continue
         first = works[idxs[0]]
         try:
@@ -177,8 +180,7 @@ def run_units(lm: LoadedModel, works: list[UnitWork], *, sweep: str,
             table, head_table = _engine(lm, first, prompts, lps, positions)
         except Exception:  # noqa: BLE001 (each unit alone: only the faulty one fails)
             for i in idxs:
-                out[i] = _attempt(lambda i=i: run_unit_tables(lm, works[i], sweep=sweep,
-                                                              unit_key=keys[i]))
+                out[i] = alone(i)
             continue
         for i in idxs:
             w = works[i]
