@@ -101,12 +101,9 @@ def canonical(path: str | os.PathLike[str]) -> str:
     return str(path) if storage.is_object_store(path) else os.path.realpath(path)
 
 
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
+def sha256_file(path: str | os.PathLike[str]) -> str:
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _conform(table: pa.Table, schema: pa.Schema = SHARD_SCHEMA, what: str = "SHARD_SCHEMA") -> pa.Table:

@@ -49,14 +49,6 @@ TINY_PREFIX = "tiny:"
 CACHE_DIR = Path(os.environ.get("UNISWEEP_CACHE", Path.home() / ".cache" / "unisweep"))
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_sha256_cached(path: Path) -> str:
     """sha256 of a (large) weights file, remembered by (path, size, mtime) to avoid rehashing."""
     st = path.stat()
@@ -64,7 +56,8 @@ def file_sha256_cached(path: Path) -> str:
         f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     if memo.exists():
         return memo.read_text().strip()
-    digest = _sha256_file(path)
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
     memo.parent.mkdir(parents=True, exist_ok=True)
     memo.write_text(digest)
     return digest
