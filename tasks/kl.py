@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from tasks.user_cache import cache_dir
+
 log = logging.getLogger(__name__)
 
 _fused = None  # the compiled kernel once it has passed the check
@@ -251,8 +253,7 @@ def _count_eager(elements: int) -> None:
 
 
 def gate_cache_path() -> Path:
-    root = Path(os.environ.get("UNISWEEP_CACHE", Path.home() / ".cache" / "unisweep"))
-    return root / "fused_kl_gate.json"
+    return cache_dir() / "fused_kl_gate.json"
 
 
 def _gate_key(dtypes, device) -> str:

@@ -28,6 +28,7 @@ from tasks.hub import ALLOWED
 from tasks.known_models import ALIASES
 from tasks.shapes import shape_config, shape_identity, shape_identity_of  # torch only on use
 from tasks.tiny import tiny_config as tiny_family_config
+from tasks.user_cache import cache_dir
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,12 @@ class ModelInfo:
 TINY_PREFIX = "tiny:"
 
 
-CACHE_DIR = Path(os.environ.get("UNISWEEP_CACHE", Path.home() / ".cache" / "unisweep"))
 
 
 def file_sha256_cached(path: Path) -> str:
     """sha256 of a (large) weights file, remembered by (path, size, mtime) to avoid rehashing."""
     st = path.stat()
-    memo = CACHE_DIR / "sha256" / hashlib.sha1(
+    memo = cache_dir() / "sha256" / hashlib.sha1(
         f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     if memo.exists():
         return memo.read_text().strip()
@@ -88,7 +88,7 @@ def install_alias(alias: str) -> Path:
 
 
 def _assemble_gemma3(folder: Path) -> Path:
-    target = CACHE_DIR / "gguf" / "gemma3-270m-q4_k_m.gguf"
+    target = cache_dir() / "gguf" / "gemma3-270m-q4_k_m.gguf"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

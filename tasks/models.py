@@ -20,7 +20,6 @@ from tasks.check import startup_check
 from tasks.errors import InvalidInput
 from tasks.model_catalog import (
     ALIASES,
-    CACHE_DIR,
     TINY_PREFIX,
     ModelInfo,
     file_sha256_cached,
@@ -35,6 +34,7 @@ from tasks.model_catalog import (
 from tasks.model_handle import LoadedModel, TokenSpace, check_device, check_dtype
 from tasks.precision import keep_norms_in_float64, use_eager_experts, use_float64_attention
 from tasks.shapes import load_shape
+from tasks.user_cache import cache_dir
 
 # Re-exported: what a name means lives in tasks.model_catalog; callers may import it from here.
 __all__ = ["ALIASES", "LoadedModel", "ModelInfo", "TokenSpace", "install_alias", "load_model", "model_info"]
@@ -68,7 +68,7 @@ def _load_tiny(family: str, dtype: torch.dtype, device: torch.device):
 
 def _materialized_folder(digest: str) -> Path:
     """De-quantising a GGUF takes ~20 s; keep a safetensors copy keyed by the file's sha256."""
-    return CACHE_DIR / "materialized" / digest[:16]
+    return cache_dir() / "materialized" / digest[:16]
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: torch.device):
