@@ -16,9 +16,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import DynamicCache
 
-from tasks.batching import KL_TEMPORARIES, LOGIT_BUDGET, plan_passes, rows_per_pass
+from tasks.batching import (KL_TEMPORARIES, KL_TEMPORARIES_FUSED, LOGIT_BUDGET, plan_passes,
+                            rows_per_pass)
 from tasks.heads import HeadRecorder, attention_patterns, kept_positions
-from tasks.kl import kl_from_logit_change
+from tasks.kl import fused_kl_on, kl_from_logit_change
 from tasks.layout import HEAD_ENGINE_SCHEMA
 from tasks.model_handle import LoadedModel
 from tasks.prompts import Prompt
@@ -227,7 +228,8 @@ def _kl_rows(lm: LoadedModel, normed: torch.Tensor, plan: _PassPlan,
     for g in range(G):
         rows = normed[g * R:(g + 1) * R]
         s, vocab = rows.shape[1], model.config.vocab_size
-        chunk = max(1, plan.kl_bytes // max(1, s * vocab * rdtype.itemsize * KL_TEMPORARIES))
+        temporaries = KL_TEMPORARIES_FUSED if fused_kl_on() and not plan.linear else KL_TEMPORARIES
+        chunk = max(1, plan.kl_bytes // max(1, s * vocab * rdtype.itemsize * temporaries))
         if plan.linear:
             # KL(softmax(z + e dz) || softmax(z)) = e^2/2 Var_p(dz) + O(e^3).
             parts = []
@@ -244,7 +246,9 @@ def _kl_rows(lm: LoadedModel, normed: torch.Tensor, plan: _PassPlan,
             p = torch.softmax(z0, dim=-1)
             parts = []
             for c0 in range(1, R, chunk):
-                dz = ad.logits(model, rows[c0:c0 + chunk]).to(rdtype) - z0
+                # In place: the head's fresh output becomes dz (a vocabulary-wide tensor less
+                # to allocate; .to() returns a copy only when the dtypes differ).
+                dz = ad.logits(model, rows[c0:c0 + chunk]).to(rdtype).sub_(z0)
                 parts.append(kl_from_logit_change(p, dz))
             out.append(torch.cat(parts))
     return torch.stack(out)

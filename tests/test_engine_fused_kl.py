@@ -129,7 +129,7 @@ def test_auto_switches_on_after_enough_eager_work(monkeypatch):
     assert klmod._fused is None
     kl_from_logit_change(p, dz)
     kl_from_logit_change(p, dz)  # 1200: switched on (the gate passed)
-    assert klmod._fused is klmod._kl_small_fusable
+    assert klmod._fused.compiled is klmod._kl_small_fusable
     assert torch.allclose(kl_from_logit_change(p, dz), klmod._kl_small(p, dz)[0], rtol=1e-9)
 
 
@@ -146,3 +146,45 @@ def test_auto_stays_eager_without_a_compiler(monkeypatch):
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="fused_kl must be one of auto, on, off"):
         set_fused_kl_mode("maybe")
+
+
+def test_each_vocabulary_is_checked_at_first_use(monkeypatch, caplog):
+    """The gate runs at 400 tokens; a kernel that is right there but wrong at the model's
+    vocabulary is caught at its first use there, and the KL stays eager (and exact)."""
+    def right_only_at_400(p, dz):
+        kl, G = klmod._kl_small(p, dz)
+        return (kl if dz.shape[-1] == 400 else kl * 1.01), G
+    monkeypatch.setattr(klmod.torch, "compile", lambda fn, **_kw: right_only_at_400)
+    assert use_fused_kl(True, cache=False) is True
+    gen = torch.Generator().manual_seed(6)
+    p = torch.softmax(torch.randn(3, 400, generator=gen, dtype=torch.float64), -1)
+    dz = torch.randn(2, 3, 400, generator=gen, dtype=torch.float64) * 1e-3
+    assert _rel(kl_from_logit_change(p, dz), klmod._kl_small(p, dz)[0]) < 1e-12
+    assert klmod._fused is not None  # 400: checked by the gate, used
+    p = torch.softmax(torch.randn(3, 1000, generator=gen, dtype=torch.float64), -1)
+    dz = torch.randn(2, 3, 1000, generator=gen, dtype=torch.float64) * 1e-3
+    with caplog.at_level(logging.WARNING, logger="tasks.kl"):
+        got = kl_from_logit_change(p, dz)
+    assert klmod._fused is None
+    msg = caplog.records[-1].getMessage()
+    assert "first use" in msg and "inaccurate at vocabulary 1000" in msg
+    assert torch.equal(got, klmod._kl_small(p, dz)[0])
+
+
+@pytest.mark.slow
+def test_compiled_kernel_at_a_real_vocabulary_every_row_shape():
+    """The real compiled kernel, vocabulary static and rows dynamic: one, several, cells and
+    positions of one or more, float32 and float64, against the eager float64 formula."""
+    if not use_fused_kl(True, cache=False):
+        pytest.skip("torch.compile unavailable here (the gate logged why)")
+    gen = torch.Generator().manual_seed(7)
+    for dtype, tol in ((torch.float64, 1e-9), (torch.float32, 1e-4)):
+        z0 = torch.randn(5, 6000, generator=gen, dtype=torch.float64) * 3
+        for cells, s in ((1, 1), (1, 5), (3, 1), (4, 5), (2, 3)):
+            p64 = torch.softmax(z0[:s], -1)
+            dz = torch.randn(cells, s, 6000, generator=gen, dtype=torch.float64) * 1e-3
+            got = kl_from_logit_change(p64.to(dtype), dz.to(dtype))
+            assert klmod._fused is not None, (dtype, cells, s)
+            assert got.shape == (cells, s) and got.dtype == dtype
+            assert _rel(got.double(), klmod._kl_small(p64, dz)[0]) < tol, (dtype, cells, s)
+    assert {(torch.float32, 6000), (torch.float64, 6000)} <= klmod._fused.checked
