@@ -257,7 +257,8 @@ def part_sweep(args, report) -> dict:
     for group in sorted({u.group for u in plan.units}):
         runner = UnitRunner(db_url, info.id, spec.name, group, info.output_dir,
                             ttl_s=spec.lease.ttl_s, heartbeat_s=spec.lease.heartbeat_s,
-                            max_attempts=spec.lease.max_attempts, device=args.device)
+                            max_attempts=spec.lease.max_attempts, device=args.device,
+                            batch=spec.lease.batch, fused_kl=spec.engine.fused_kl)
         try:
             counts.append(runner.run())
         finally:
