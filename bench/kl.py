@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import best_time  # noqa: E402
 from tasks import kl as klmod
 from tasks.kl import kl_accuracy_errors, kl_from_logit_change
 
@@ -36,16 +41,6 @@ def kl_before(p: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
         kl[big] = (torch.where(q > 0, q * d_big, torch.zeros_like(q)) - q
                    + p.expand_as(dz)[big]).sum(-1)
     return kl
-
-
-def best_time(fn, repeat: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:

@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
+import sys
+from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.timing import best_time  # noqa: E402
 from tasks.batching import KL_TEMPORARIES, SAFETY, RowModel
 from tasks.directions import random_directions
 from tasks.engine import clean_pass, perturb_sites, suffix_start
@@ -45,15 +49,6 @@ def peak_bytes(fn, device: torch.device) -> int:
     before = _status("VmRSS")
     fn()
     return _status("VmHWM") - before
-
-
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main() -> None:
@@ -95,7 +90,7 @@ def main() -> None:
         kl_chunk = max(1, (128 << 20) // (s * vocab * rd * KL_TEMPORARIES))
         predicted = (rows * model.row_bytes(s, n, lm.n_layers, False) / SAFETY
                      + min(rows, kl_chunk) * s * vocab * rd * KL_TEMPORARIES)
-        secs = best_time(run, args.repeat)
+        secs = best_time(run, args.repeat, warm_up=False)
         points.append((rows * s, secs))
         print(f"| {J} | {rows} | {rows * s} | {peak / 2**20:.1f} | {predicted / 2**20:.1f} | "
               f"{peak / predicted:.2f} | {secs:.3f} | {1e6 * secs / (rows * s):.1f} |")

@@ -16,8 +16,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from transformers import DynamicCache
 
-from tasks.batching import (KL_TEMPORARIES, KL_TEMPORARIES_FUSED, LOGIT_BUDGET, plan_passes,
-                            rows_per_pass)
+from tasks.batching import (
+    KL_TEMPORARIES,
+    KL_TEMPORARIES_FUSED,
+    LOGIT_BUDGET,
+    plan_passes,
+    rows_per_pass,
+)
 from tasks.heads import HeadRecorder, attention_patterns, kept_positions
 from tasks.kl import fused_kl_on, kl_from_logit_change
 from tasks.layout import HEAD_ENGINE_SCHEMA
