@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.paper_scale import ShapeCost, grid_flops  # noqa: E402
+from bench.paper_scale import ShapeCost, _sync, grid_flops  # noqa: E402
 from tasks import kl as klmod  # noqa: E402
 from tasks.directions import random_directions  # noqa: E402
 from tasks.engine import compute_responses  # noqa: E402
@@ -314,6 +314,12 @@ class Ctx:
     skipped: dict = field(default_factory=dict)  # name -> why
 
 
+def _now(ctx: Ctx) -> float:
+    """perf_counter once the device has finished what was queued (CUDA runs asynchronously)."""
+    _sync(ctx.lm.device)
+    return time.perf_counter()
+
+
 def _delta(ctx: Ctx, x_lp_j: torch.Tensor, e: float, d: int) -> torch.Tensor:
     return e * x_lp_j.norm() * ctx.dirs_all[d].to(ctx.lm.dtype).to(ctx.lm.device)
 
@@ -339,10 +345,10 @@ def time_engine(ctx: Ctx, v: Variant, per_position: bool = False, eager_kl: bool
     extra = {"batch_positions": False} if per_position else {}
     fused, klmod._fused = klmod._fused, (None if eager_kl else klmod._fused)
     try:
-        t0 = time.perf_counter()
+        t0 = _now(ctx)
         compute_responses(ctx.lm, [ctx.prompt], lps, pos, eps_values(v.eps),
                           ctx.dirs_all[:v.dirs], **extra)
-        secs = time.perf_counter() - t0
+        secs = _now(ctx) - t0
     finally:
         klmod._fused = fused
     cells = len(lps) * len(pos) * v.eps * v.dirs
@@ -360,14 +366,14 @@ def time_per_cell(ctx: Ctx, method, fam: Family) -> dict:
     ids = ctx.prompt.input_ids.to(ctx.lm.device)
     lps = fam.lp_list(ctx.lm.n_layers)
     cells = _sample([(lp, j) for lp in lps for j in fam.position_list()], ctx.args.peer_cells)
-    t0 = time.perf_counter()
+    t0 = _now(ctx)
     c = method.clean(ids)
-    t_clean = time.perf_counter() - t0
+    t_clean = _now(ctx) - t0
     x_in = c["x_in"]  # block inputs, levels 0..L
-    t0 = time.perf_counter()
+    t0 = _now(ctx)
     for k, (lp, j) in enumerate(cells):
         method.cell(c, ids, lp, j, _delta(ctx, x_in[lp, j], 0.1, k % len(ctx.dirs_all)))
-    return {"cells": len(cells), "secs": time.perf_counter() - t0, "clean_s": t_clean}
+    return {"cells": len(cells), "secs": _now(ctx) - t0, "clean_s": t_clean}
 
 
 def time_nnsight_batched(ctx: Ctx, v: Variant) -> dict:
@@ -377,13 +383,13 @@ def time_nnsight_batched(ctx: Ctx, v: Variant) -> dict:
     groups = [(lp, j, d) for lp in lps for j in v.family.position_list() for d in range(v.dirs)]
     groups = _sample(groups, max(1, math.ceil(ctx.args.peer_cells / v.eps)))
     eps = eps_values(v.eps)
-    t0 = time.perf_counter()
+    t0 = _now(ctx)
     c = m.clean(ids)
-    t_clean = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    t_clean = _now(ctx) - t0
+    t0 = _now(ctx)
     for lp, j, d in groups:
         m.batched(c, ids, lp, j, [_delta(ctx, c["x_in"][lp, j], e, d) for e in eps])
-    return {"cells": len(groups) * v.eps, "secs": time.perf_counter() - t0, "clean_s": t_clean}
+    return {"cells": len(groups) * v.eps, "secs": _now(ctx) - t0, "clean_s": t_clean}
 
 
 def rate(m: dict, grid_cells: int) -> float:
@@ -603,6 +609,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:k]: every method runs there")
     ap.add_argument("--grids", default=None, help="keep some values of some axes: "
                     "T=16/64,positions=4/all,lps=0/thirds,eps=1/4/11,dirs=1/4 (any subset)")
     ap.add_argument("--quick", action="store_true", help="T=16, 4 positions, lp 0, eps 1 and 4, "
@@ -647,7 +654,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*LanguageModel is deprecated.*")
-    lm = load_model(args.model, dtype=args.dtype, check=False)
+    lm = load_model(args.model, dtype=args.dtype, device=args.device, check=False)
     ctx = Ctx(lm, None, random_directions(lm.d_model, max(axes["dirs"])), ShapeCost.of(lm), args)
     if args.limits:
         return print_limits(ctx, axes)
@@ -663,10 +670,12 @@ def main(argv=None) -> int:
                 ctx.skipped[key] = f"not installed ({exc}); pip install '.[bench]'"
     if args.fused_kl != "off":
         t0 = time.perf_counter()
-        on = klmod.set_fused_kl_mode("on")
+        on = klmod.set_fused_kl_mode("on", lm.device)
         print(f"fused KL: {'on' if on else 'OFF (gate failed, eager)'} after "
               f"{time.perf_counter() - t0:.1f} s (gate, or its cached verdict, and compile)")
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
+    where = (torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda"
+             else f"{platform.machine()} {platform.processor() or ''}")
+    print(f"machine: {where}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; model {args.model} ({args.dtype}), L={lm.n_layers}; "
           f"load average {load_avg()}; grids {axes}", flush=True)
     for key, why in ctx.skipped.items():
