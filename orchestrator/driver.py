@@ -133,7 +133,7 @@ class Driver:
             batch=L.batch, threads=ap.threads, gpus=need, fused_kl=self.spec.engine.fused_kl,
             env_ref=[self._env_ref],  # nested: Ray passes the reference, never the value
         ) for g, node, need in placed]
-        ids = ray.get([a.get_worker_id.remote() for a in actors], timeout=600)
+        ids = [_worker_id(a, timeout_s=600) for a in actors]  # they start in parallel
         slots = [_Slot(a, g, w, node=node, gpus=need)
                  for a, (g, node, need), w in zip(actors, placed, ids, strict=True)]
         self.worker_ids.update(ids)
@@ -293,21 +293,14 @@ class Driver:
     def _revive(self, slot: _Slot, exc: Exception, ap: ActorPlan, cls: Any) -> None:
         """After a death: wait for Ray's restart of the actor (fresh process, new worker id), or
         replace an actor that has no restarts left by a new one for the same group."""
-        deadline = time.monotonic() + 120
-        while not isinstance(exc, ActorDiedError):
+        if not isinstance(exc, ActorDiedError):
             try:
-                slot.worker_id = ray.get(slot.actor.get_worker_id.remote(), timeout=60)
+                slot.worker_id = _worker_id(slot.actor, timeout_s=120)
                 self.worker_ids.add(slot.worker_id)
                 slot.ref = slot.actor.run.remote()
                 return
-            except ActorUnavailableError as again:  # still restarting
-                if time.monotonic() > deadline:
-                    exc = again
-                    break
-                time.sleep(0.3)
-            except (RayActorError, ray.exceptions.GetTimeoutError) as again:
-                exc = again
-                break
+            except (RayActorError, ray.exceptions.GetTimeoutError):
+                pass  # no restart came, or it died for good: replace it below
         # Gone for good: free its resources first, or the new actor may never be scheduled.
         self._drop(slot)
         fresh = self._start_actor(slot.group, ap, cls)
@@ -349,3 +342,19 @@ def _group_models(store: Any, sweep: str) -> dict[str | None, str]:
         if g not in out:
             out[g] = json.loads(p)["run"]["model"]
     return out
+
+
+def _worker_id(actor: Any, timeout_s: float) -> str:
+    """The actor's worker id, waiting out a restart in progress: a worker process killed while
+    starting or between units makes Ray answer ActorUnavailableError ("temporarily
+    unavailable") until its replacement is up (seen when the fault test killed a worker during
+    a driver's start-up: the driver ended in a traceback)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(actor.get_worker_id.remote(),
+                           timeout=max(1.0, deadline - time.monotonic()))
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.3)
