@@ -112,10 +112,10 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, size: int | None = Non
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
     for _ in range(repeat + 1):  # the first call warms up
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
-        _sync(device)
+        sync_device(device)
         best = min(best, time.perf_counter() - t0)
     return 2.0 * size ** 3 / best
 
@@ -130,7 +130,7 @@ def dense_peak(dtype: torch.dtype, device: torch.device) -> float | None:
     return None
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -185,11 +185,11 @@ def paper_grid(lm, T: int, n_positions: int | None, lp_fracs, n_eps: int, n_dirs
 def time_engine(lm, g: Grid, max_rows: int, repeat: int) -> float:
     best = float("inf")
     for _ in range(repeat):
-        _sync(lm.device)
+        sync_device(lm.device)
         t0 = time.perf_counter()
         compute_responses(lm, g.prompts, g.lps, g.positions, g.eps, g.dirs, linear=g.linear,
                           max_rows=max_rows)
-        _sync(lm.device)
+        sync_device(lm.device)
         best = min(best, time.perf_counter() - t0)
     return best
 

@@ -49,7 +49,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from bench.paper_scale import ShapeCost, _sync, grid_flops  # noqa: E402
+from bench.paper_scale import ShapeCost, grid_flops, sync_device  # noqa: E402
 from tasks import kl as klmod  # noqa: E402
 from tasks.directions import random_directions  # noqa: E402
 from tasks.engine import compute_responses  # noqa: E402
@@ -316,7 +316,7 @@ class Ctx:
 
 def _now(ctx: Ctx) -> float:
     """perf_counter once the device has finished what was queued (CUDA runs asynchronously)."""
-    _sync(ctx.lm.device)
+    sync_device(ctx.lm.device)
     return time.perf_counter()
 
 

@@ -83,7 +83,6 @@ class Driver:
                  address: str | None = None, ship: bool = True, actors: int | None = None,
                  progress: bool = True, poll_s: float = 0.5,
                  max_actor_deaths: int = 5, on_progress: Callable[[Any], None] | None = None) -> None:
-
         # Every database call rides out an outage (bounded); past it, DatabaseUnavailable.
         store = store if isinstance(store, Resilient) else Resilient(store)
         self.store, self.sweep, self.spec, self.db_url = store, sweep, spec, db_url

@@ -47,8 +47,6 @@ class ModelInfo:
 TINY_PREFIX = "tiny:"
 
 
-
-
 def file_sha256_cached(path: Path) -> str:
     """sha256 of a (large) weights file, remembered by (path, size, mtime) to avoid rehashing."""
     st = path.stat()
