@@ -187,23 +187,27 @@ def run_main(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
 @contextmanager
 def simulated_cluster(tmp: Path, head: dict[str, Any], nodes: list[dict[str, Any]]) -> Iterator[tuple[Any, list[Any]]]:
     """A `ray.cluster_utils.Cluster` (head + `nodes`, e.g. {"num_cpus": 1, "num_gpus": 4}) with
-    this process connected to it; HOME and PYTHONPATH as start_ray sets them, restored after."""
+    this process connected to it; HOME and PYTHONPATH as start_ray sets them, HOME restored
+    after (also when the cluster fails to start)."""
     import ray
     from ray._private.utils import get_ray_address_file
     from ray.cluster_utils import Cluster
 
     home_before = _enter_ray_env(tmp, (ROOT,))
-    # Cluster writes the head's address into Ray's default temp folder (/tmp/ray), which a
-    # machine that has never started Ray lacks: FileNotFoundError (seen on a fresh CI machine).
-    Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    added = [cluster.add_node(**n) for n in nodes]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
+    cluster = None
     try:
+        # Cluster writes the head's address into Ray's default temp folder (/tmp/ray), which
+        # a machine that has never started Ray lacks: FileNotFoundError (seen on a fresh CI
+        # machine).
+        Path(get_ray_address_file(None)).parent.mkdir(parents=True, exist_ok=True)
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        added = [cluster.add_node(**n) for n in nodes]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
         yield cluster, added
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
         if home_before is not None:
             os.environ["HOME"] = home_before
